@@ -1,0 +1,241 @@
+"""Every private TensorFlow API tf_zero touches, in one place.
+
+TensorFlow exposes no public way to launch a reduce-scatter or all-to-all on
+the devices of a `tf.distribute` strategy, to write one replica's component of
+a distributed variable, or to choose the local devices of a multi-worker
+strategy. The few private entry points used for that are wrapped here, checked
+against the TensorFlow versions in `CHECKED_TF_VERSIONS`, and covered by
+`tests/test_private.py`. No other tf_zero module imports `tensorflow.python`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import keras
+import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
+from tensorflow.python.distribute import distribute_lib as _distribute_lib
+from tensorflow.python.distribute import values as _values
+from tensorflow.python.ops import collective_ops as _collective_ops
+from tensorflow.python.ops import gen_collective_ops as _gen_collective_ops
+
+CHECKED_TF_VERSIONS = ("2.21",)
+"""TensorFlow minor versions on which every wrapper below was verified."""
+
+
+def check_tensorflow_version(version: str | None = None) -> None:
+    """Fails loudly on a TensorFlow whose private APIs were never checked.
+
+    Raises:
+        RuntimeError: the installed TensorFlow minor version is not one of
+            `CHECKED_TF_VERSIONS`.
+    """
+    version = version or tf.__version__
+    minor = ".".join(version.split(".")[:2])
+    if minor not in CHECKED_TF_VERSIONS:
+        raise RuntimeError(
+            f"tf_zero was verified on TensorFlow {', '.join(CHECKED_TF_VERSIONS)} "
+            f"but TensorFlow {version} is installed. tf_zero uses private "
+            "collective APIs that change between releases: install a checked "
+            f"version (pip install 'tensorflow=={CHECKED_TF_VERSIONS[-1]}.*')."
+        )
+
+
+check_tensorflow_version()
+
+CollectiveAllReduceStrategyBase = _cars.CollectiveAllReduceStrategy
+CollectiveAllReduceExtendedBase = _cars.CollectiveAllReduceExtended
+initialize_strategy_base = _distribute_lib.Strategy.__init__
+
+# Collective keys: every collective strategy numbers its collective groups from
+# `_collective_key_base`; two strategies with the same base in one process
+# collide ("Shape mismatch in the collective instance"). Each new strategy made
+# through `next_collective_key_base` gets its own range.
+_KEY_STRIDE = 100_000
+_key_counter = itertools.count(1)
+_key_lock = threading.Lock()
+
+
+def next_collective_key_base() -> int:
+    """A collective-key base no other strategy of this process uses."""
+    with _key_lock:
+        return next(_key_counter) * _KEY_STRIDE
+
+
+def new_mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:
+    """A plain `MirroredStrategy` whose collective keys do not collide."""
+    cls = tf.distribute.MirroredStrategy
+    saved = cls._collective_key_base
+    cls._collective_key_base = next_collective_key_base()
+    try:
+        return cls(devices=devices)
+    finally:
+        cls._collective_key_base = saved
+
+
+def new_multi_worker_strategy(cluster_resolver=None, communication_options=None):
+    """A plain `MultiWorkerMirroredStrategy` with its own collective keys."""
+    cls = tf.distribute.MultiWorkerMirroredStrategy
+    saved = cls._collective_key_base
+    cls._collective_key_base = next_collective_key_base()
+    try:
+        return cls(cluster_resolver=cluster_resolver,
+                   communication_options=communication_options)
+    finally:
+        cls._collective_key_base = saved
+
+
+def is_multi_worker(strategy) -> bool:
+    """Whether `strategy` is a collective strategy spanning several workers."""
+    extended = strategy.extended
+    return isinstance(extended, _cars.CollectiveAllReduceExtended) and bool(
+        extended._in_multi_worker_mode())
+
+
+def local_replica_index() -> int:
+    """The index of the current replica among this worker's devices."""
+    ctx = tf.distribute.get_replica_context()
+    replica_id = ctx._replica_id
+    if not isinstance(replica_id, int):
+        replica_id = int(tf.get_static_value(replica_id))
+    return replica_id
+
+
+def global_replica_id() -> int:
+    """The current replica's id across all workers, as a Python int."""
+    ctx = tf.distribute.get_replica_context()
+    value = tf.get_static_value(ctx.replica_id_in_sync_group)
+    if value is None:
+        raise RuntimeError(
+            "tf_zero needs the replica id to be known when the step is traced; "
+            "run the step with strategy.run inside tf.function.")
+    return int(value)
+
+
+def collective_launcher(strategy):
+    """The collective launcher of the current replica, or None.
+
+    Collective strategies (`MultiWorkerMirroredStrategy`, and
+    `MirroredStrategy` when it picked collective all-reduce) keep one launcher
+    per local device holding the group key, the instance-key counter and the
+    ordering token that keep every replica's collectives in the same order.
+    """
+    cross_device_ops = getattr(strategy.extended, "_cross_device_ops", None)
+    launchers = getattr(cross_device_ops, "_launchers", None)
+    if not launchers:
+        return None
+    return launchers[local_replica_index()]
+
+
+class LaunchParams:
+    """What a raw collective op needs, read from a launcher."""
+
+    def __init__(self, launcher, options=None):
+        merged = launcher._options.merge(options)
+        self.group_size = launcher._group_size
+        self.group_key = launcher._group_key
+        self.instance_key = launcher._next_instance_key()
+        self.ordering_token = launcher._get_ordering_token()
+        self.device = launcher._device
+        self.hint = merged.implementation.value
+        self.timeout = merged.timeout_seconds
+
+
+def raw_all_reduce(x, params: LaunchParams):
+    with tf.device(params.device):
+        return _collective_ops.all_reduce_v2(
+            x, params.group_size, params.group_key, params.instance_key,
+            communication_hint=params.hint, timeout=params.timeout,
+            ordering_token=params.ordering_token)
+
+
+def raw_all_gather(x, params: LaunchParams):
+    with tf.device(params.device):
+        return _collective_ops.all_gather_v2(
+            x, params.group_size, params.group_key, params.instance_key,
+            communication_hint=params.hint, timeout=params.timeout,
+            ordering_token=params.ordering_token)
+
+
+def raw_all_to_all(x, params: LaunchParams):
+    with tf.device(params.device):
+        return _collective_ops.all_to_all_v2(
+            x, params.group_size, params.group_key, params.instance_key,
+            communication_hint=params.hint, timeout=params.timeout,
+            ordering_token=params.ordering_token)
+
+
+def raw_reduce_scatter(x, params: LaunchParams):
+    token = [params.ordering_token] if params.ordering_token is not None else []
+    with tf.device(params.device):
+        return _gen_collective_ops.collective_reduce_scatter_v2(
+            x, group_size=params.group_size, group_key=params.group_key,
+            instance_key=params.instance_key, ordering_token=token,
+            merge_op="Add", final_op="Id",
+            communication_hint=params.hint.lower(),
+            timeout_seconds=params.timeout)
+
+
+def tf_variable(variable):
+    """The `tf.Variable` (possibly distributed) behind a Keras variable."""
+    if isinstance(variable, keras.Variable):
+        return variable._value
+    return variable
+
+
+def components(variable):
+    """Per-device components of a (Keras or tf) variable, in device order."""
+    var = tf_variable(variable)
+    if isinstance(var, _values.DistributedVariable):
+        return tuple(var.values)
+    return (var,)
+
+
+def local_component(variable):
+    """The current replica's component of a distributed variable.
+
+    Writing it from replica context changes only this replica's copy and
+    needs no `merge_call`, so it is legal inside a replica-context `tf.cond`.
+    """
+    var = tf_variable(variable)
+    if isinstance(var, _values.DistributedVariable):
+        return var._get_on_device_or_primary()
+    return var
+
+
+def is_distributed_variable(variable) -> bool:
+    return isinstance(tf_variable(variable), _values.DistributedVariable)
+
+
+def is_sync_on_read(variable) -> bool:
+    return isinstance(tf_variable(variable), _values.SyncOnReadVariable)
+
+
+class LocalDevicesExtended(_cars.CollectiveAllReduceExtended):
+    """Collective strategy internals that can give a CPU worker K replicas.
+
+    TensorFlow's multi-worker strategy gives a worker without GPUs exactly one
+    CPU replica. With `devices_per_worker=K`, each worker instead runs K
+    replicas on its logical CPU devices `CPU:0 .. CPU:K-1`, which is how
+    several replicas per worker are tested on machines without accelerators.
+    """
+
+    def __init__(self, container_strategy, cluster_resolver,
+                 communication_options, devices=None, devices_per_worker=None):
+        self._devices_per_worker = devices_per_worker
+        super().__init__(container_strategy, cluster_resolver=cluster_resolver,
+                         communication_options=communication_options,
+                         devices=devices)
+
+    def _initialize_local_devices(self, cluster_resolver, worker_device):
+        if self._devices_per_worker and not tf.config.list_logical_devices("GPU"):
+            devices = tuple(f"{worker_device}/device:CPU:{i}"
+                            for i in range(self._devices_per_worker))
+            return devices, "CPU"
+        return super()._initialize_local_devices(cluster_resolver, worker_device)
+
+
+def in_multi_worker_mode(strategy) -> bool:
+    return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())

@@ -1,0 +1,486 @@
+"""ZeroOptimizer: shards any element-wise Keras optimizer across replicas."""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_zero import _private, collectives
+from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
+from tf_zero.plan import ShardPlan, plan_shards
+
+# Optimizers whose update needs a whole tensor (a per-layer trust ratio,
+# factored second moments, a matrix orthogonalization). Splitting a variable
+# across replicas would silently change their math.
+WHOLE_TENSOR_OPTIMIZERS = ("Lamb", "Adafactor", "Muon")
+
+
+def _flat(x):
+    return tf.reshape(x, [-1])
+
+
+def _dense(grad):
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.convert_to_tensor(grad)
+    return grad
+
+
+@keras.saving.register_keras_serializable(package="tf_zero")
+class ZeroOptimizer(keras.optimizers.Optimizer):
+    """ZeRO stage 1/2 around any element-wise Keras optimizer.
+
+    On each step, in replica context, the local gradients are laid into flat
+    buckets following a `tf_zero.plan.ShardPlan` and reduce-scattered, so each
+    replica receives the summed gradient of its 1/N slice of every bucket. One
+    small all-reduce gives the true global statistics (gradient norms for
+    `clipnorm` / `global_clipnorm`). The replica's weight slice is re-read from
+    the model variables, the inner optimizer's own `update_step` updates that
+    slice with slot variables that exist only for the slice, and the updated
+    slices are all-gathered back into every replica's model weights, which
+    stay bitwise identical across replicas and remain the source of truth.
+
+    With no distribution strategy (or a single-replica one that is not a
+    collective strategy) the wrapper delegates to the inner optimizer and
+    behaves exactly like it.
+
+    Clipping and weight decay are taken from the inner optimizer and applied
+    to the *reduced* gradient, i.e. as in single-device training on the global
+    batch: `clipnorm` clips each variable's reduced gradient by its own norm,
+    `global_clipnorm` uses the norm over all variables of all replicas,
+    `clipvalue` clips element-wise.
+
+    Args:
+        inner_optimizer: a Keras optimizer (SGD, Adam, AdamW, ...). If it was
+            created outside `strategy.scope()` and has not been built, it is
+            re-created under the scope from its config on `build`.
+        stage: 1 or 2; default: the strategy's stage (a `ZeroStrategy`), else 1.
+        bucket_size_bytes: default: the strategy's, else 8 MiB.
+        name: optimizer name.
+
+    Raises:
+        TypeError: `inner_optimizer` is not a Keras optimizer.
+        ValueError: the inner optimizer needs whole tensors (Lamb, Adafactor,
+            Muon), uses EMA or Keras' `gradient_accumulation_steps`, or
+            `stage` is invalid.
+    """
+
+    def __init__(self, inner_optimizer, *, stage=None, bucket_size_bytes=None,
+                 name=None, **kwargs):
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "ZeroOptimizer wraps a Keras optimizer instance, e.g. "
+                "ZeroOptimizer(keras.optimizers.Adam(1e-3)); got "
+                f"{type(inner_optimizer).__name__}.")
+        if isinstance(inner_optimizer, (ZeroOptimizer, keras.optimizers.LossScaleOptimizer)):
+            raise ValueError(
+                f"ZeroOptimizer cannot wrap a {type(inner_optimizer).__name__}. "
+                "Wrap the plain optimizer: ZeroOptimizer(keras.optimizers.Adam()); "
+                "under mixed_float16, model.compile adds loss scaling itself.")
+        _check_supported(inner_optimizer)
+        for key in ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue",
+                    "use_ema", "gradient_accumulation_steps", "loss_scale_factor"):
+            if kwargs.get(key) not in (None, False):
+                raise ValueError(
+                    f"ZeroOptimizer does not take `{key}`; set it on the inner "
+                    f"optimizer, e.g. keras.optimizers.AdamW({key}=...).")
+            kwargs.pop(key, None)
+        if kwargs:
+            raise TypeError(f"ZeroOptimizer got unexpected arguments {sorted(kwargs)}")
+        if stage is not None:
+            ZeroConfig(stage=stage)  # validates
+        if bucket_size_bytes is not None:
+            ZeroConfig(bucket_size_bytes=bucket_size_bytes)
+        super().__init__(learning_rate=0.0, name=name or f"zero_{inner_optimizer.name}")
+        self._inner = inner_optimizer
+        self._requested_stage = stage
+        self._requested_bucket_size = bucket_size_bytes
+        self._zero_config = None
+        self._plan = None
+        self._model_variables = []
+        self._shard_variables = []
+        self._slots_by_bucket = []
+        self._sharded = False
+
+    # ---- forwarding -------------------------------------------------------
+
+    @property
+    def inner_optimizer(self):
+        """The wrapped optimizer (the live one, if it had to be re-created)."""
+        return self._inner
+
+    @property
+    def iterations(self):
+        return self._inner.iterations
+
+    @property
+    def learning_rate(self):
+        return self._inner.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self._inner.learning_rate = learning_rate
+
+    @property
+    def variables(self):
+        return self._variables + self._inner.variables
+
+    @property
+    def zero_config(self) -> ZeroConfig | None:
+        """The resolved configuration (known after `build`)."""
+        return self._zero_config
+
+    @property
+    def plan(self) -> ShardPlan | None:
+        """The shard plan (known after `build`; None when not sharded)."""
+        return self._plan
+
+    @property
+    def stage(self):
+        return self._zero_config.stage if self._zero_config else self._requested_stage
+
+    @property
+    def is_sharded(self) -> bool:
+        return self._sharded
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
+
+    def finalize_variable_values(self, var_list):
+        self._inner.finalize_variable_values(var_list)
+
+    # ---- build ------------------------------------------------------------
+
+    def _resolve_config(self, strategy):
+        base = getattr(strategy, "zero_config", None)
+        stage = self._requested_stage or (base.stage if base else 1)
+        bucket = self._requested_bucket_size or (
+            base.bucket_size_bytes if base else DEFAULT_BUCKET_SIZE_BYTES)
+        reduce_dtype = base.reduce_dtype if base else None
+        return ZeroConfig(stage=stage, bucket_size_bytes=bucket,
+                          reduce_dtype=reduce_dtype)
+
+    @keras.src.utils.tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        strategy = tf.distribute.get_strategy()
+        self._zero_config = self._resolve_config(strategy)
+        self._sharded = tf.distribute.has_strategy() and not isinstance(
+            strategy, tf.distribute.OneDeviceStrategy)
+        if not self._sharded:
+            self._inner.build(var_list)
+            super().build(var_list)
+            return
+        if tf.distribute.in_cross_replica_context() is False:
+            raise RuntimeError(
+                "ZeroOptimizer must be built in cross-replica context (Keras "
+                "does this in fit; in a custom loop call "
+                "optimizer.build(model.trainable_variables) under "
+                "strategy.scope() before the first step).")
+        self._inner = _inner_in_scope(self._inner, strategy)
+        model_vars = [v for v in var_list
+                      if v.trainable and keras.backend.is_float_dtype(v.dtype)]
+        self._model_variables = model_vars
+        n = strategy.num_replicas_in_sync
+        self._plan = plan_shards([tuple(v.shape) for v in model_vars],
+                                 [v.dtype for v in model_vars], n,
+                                 self._zero_config.bucket_size_bytes)
+        shards = []
+        for bucket in self._plan.buckets:
+            shards.append(keras.Variable(
+                initializer="zeros", shape=(bucket.shard_size,),
+                dtype=bucket.dtype, trainable=False, name=f"zero_shard_{bucket.index}",
+                synchronization="on_read", aggregation="only_first_replica"))
+        before = len(self._inner.variables)
+        with tf.variable_creator_scope(_per_replica_creator):
+            self._inner.build(shards)
+        slots = self._inner.variables[before:]
+        self._slots_by_bucket = _match_slots(self._inner, shards, slots)
+        self._shard_variables = shards
+        for v in shards:
+            self._track_variable(v)
+        super().build(var_list)
+
+    # ---- step -------------------------------------------------------------
+
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                if tf.distribute.in_cross_replica_context() or not tf.distribute.has_strategy():
+                    with keras.name_scope(self.name, caller=self):
+                        self.build(trainable_variables)
+                    self.built = True
+                else:
+                    raise RuntimeError(
+                        "Build ZeroOptimizer before the first distributed step: "
+                        "call optimizer.build(model.trainable_variables) under "
+                        "strategy.scope() (model.fit does this for you).")
+        if not self._sharded:
+            return self._inner.apply(grads, trainable_variables)
+        if trainable_variables is None:
+            trainable_variables = self._model_variables
+        if tf.distribute.in_cross_replica_context():
+            raise ValueError(
+                "ZeroOptimizer.apply must be called in replica context: call it "
+                "from the function passed to strategy.run.")
+        if tf.executing_eagerly():
+            raise RuntimeError(
+                "ZeroOptimizer needs graph mode: drop run_eagerly=True from "
+                "model.compile (or wrap your custom step in tf.function).")
+        if len(grads) != len(trainable_variables):
+            raise ValueError(
+                f"got {len(grads)} gradients for {len(trainable_variables)} variables")
+        with keras.name_scope(self.name, caller=self):
+            self._sharded_apply(grads, trainable_variables)
+
+    def _sharded_apply(self, grads, variables):
+        index_of = {id(v): i for i, v in enumerate(self._model_variables)}
+        plan_grads = [None] * len(self._model_variables)
+        for g, v in zip(grads, variables):
+            i = index_of.get(id(v))
+            if i is None:
+                if g is None or not v.trainable:
+                    continue
+                raise ValueError(
+                    f"Variable {v.path} was not known when ZeroOptimizer was "
+                    "built. Build the optimizer on all trainable variables "
+                    "(optimizer.build(model.trainable_variables)) before training.")
+            plan_grads[i] = g
+        missing = {i for i, g in enumerate(plan_grads) if g is None}
+        rank = collectives.rank()
+        inner = self._inner
+
+        shard_grads = []
+        for bucket in self._plan.buckets:
+            shard_grads.append(self._reduce_scatter_bucket(bucket, plan_grads))
+
+        shard_grads = self._clip(shard_grads, rank, missing)
+        lr = inner.learning_rate
+
+        for bucket, shard_var, grad in zip(self._plan.buckets, self._shard_variables,
+                                           shard_grads):
+            pieces = bucket.shard_pieces(rank)
+            local_shard = _private.local_component(shard_var)
+            local_shard.assign(self._read_weight_shard(bucket, pieces))
+            frozen = [p for p in pieces if p.variable in missing]
+            if frozen and len(frozen) == len(pieces):
+                continue
+            keep_mask = None
+            if frozen:
+                keep_mask = self._mask(bucket, pieces, lambda p: p.variable in missing)
+                saved = [tf.identity(_private.local_component(v).read_value())
+                         for v in [shard_var] + self._slots_by_bucket[bucket.index]]
+            self._weight_decay(bucket, shard_var, pieces, lr)
+            inner.update_step(grad, shard_var, lr)
+            if frozen:
+                for v, old in zip([shard_var] + self._slots_by_bucket[bucket.index], saved):
+                    comp = _private.local_component(v)
+                    comp.assign(tf.where(keep_mask, old, comp.read_value()))
+        _private.local_component(inner.iterations).assign_add(1)
+
+        self._all_gather_into_model(missing)
+
+    def _reduce_scatter_bucket(self, bucket, plan_grads):
+        parts = []
+        for seg in bucket.segments:
+            g = plan_grads[seg.variable]
+            if g is None:
+                parts.append(tf.zeros([seg.size], bucket.dtype))
+            else:
+                parts.append(_flat(_dense(g))[seg.start:seg.start + seg.size])
+        if bucket.padding:
+            parts.append(tf.zeros([bucket.padding], bucket.dtype))
+        flat = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+        flat = tf.cast(flat, bucket.dtype)
+        reduce_dtype = self._zero_config.reduce_dtype
+        if reduce_dtype and reduce_dtype != bucket.dtype:
+            return tf.cast(collectives.reduce_scatter(tf.cast(flat, reduce_dtype)),
+                           bucket.dtype)
+        return collectives.reduce_scatter(flat)
+
+    def _read_weight_shard(self, bucket, pieces):
+        parts = []
+        for p in pieces:
+            value = self._model_variables[p.variable].value
+            parts.append(_flat(value)[p.start:p.start + p.size])
+        covered = sum(p.size for p in pieces)
+        if covered < bucket.shard_size:
+            parts.append(tf.zeros([bucket.shard_size - covered], bucket.dtype))
+        if not parts:
+            return tf.zeros([0], bucket.dtype)
+        return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    def _mask(self, bucket, pieces, predicate):
+        mask = np.zeros([bucket.shard_size], dtype=bool)
+        for p in pieces:
+            if predicate(p):
+                mask[p.offset:p.offset + p.size] = True
+        return tf.constant(mask)
+
+    def _weight_decay(self, bucket, shard_var, pieces, lr):
+        inner = self._inner
+        if inner.weight_decay is None:
+            return
+        decayed = [inner._use_weight_decay(self._model_variables[p.variable])
+                   for p in pieces]
+        if not any(decayed):
+            return
+        dtype = bucket.dtype
+        wd = tf.cast(inner.weight_decay, dtype)
+        lr = tf.cast(lr, dtype)
+        local = _private.local_component(shard_var)
+        if all(decayed):
+            local.assign_sub(local.read_value() * wd * lr)
+        else:
+            mask = np.zeros([bucket.shard_size], dtype=bucket.dtype)
+            for p, d in zip(pieces, decayed):
+                if d:
+                    mask[p.offset:p.offset + p.size] = 1
+            local.assign_sub(local.read_value() * wd * lr * tf.constant(mask))
+
+    def _clip(self, shard_grads, rank, missing):
+        inner = self._inner
+        if inner.clipnorm and inner.clipnorm > 0:
+            n_vars = len(self._model_variables)
+            sq = [tf.zeros([], tf.float32) for _ in range(n_vars)]
+            for bucket, g in zip(self._plan.buckets, shard_grads):
+                for p in bucket.shard_pieces(rank):
+                    piece = tf.cast(g[p.offset:p.offset + p.size], tf.float32)
+                    sq[p.variable] = sq[p.variable] + tf.reduce_sum(tf.square(piece))
+            sq = collectives.all_reduce_sum(tf.stack(sq))
+            clipnorm = tf.constant(inner.clipnorm, tf.float32)
+            # Keras' clip_by_norm, on the reduced per-variable norm.
+            norms = tf.where(sq > 0, tf.sqrt(tf.where(sq > 0, sq, tf.ones_like(sq))), sq)
+            divisors = tf.maximum(norms, clipnorm)
+            clipped = []
+            for bucket, g in zip(self._plan.buckets, shard_grads):
+                parts, covered = [], 0
+                for p in bucket.shard_pieces(rank):
+                    piece = g[p.offset:p.offset + p.size]
+                    parts.append(piece * tf.cast(clipnorm, g.dtype)
+                                 / tf.cast(divisors[p.variable], g.dtype))
+                    covered += p.size
+                if covered < bucket.shard_size:
+                    parts.append(g[covered:])
+                clipped.append(tf.concat(parts, 0) if len(parts) > 1 else parts[0])
+            return clipped
+        if inner.global_clipnorm and inner.global_clipnorm > 0:
+            local_sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+                                 for g in shard_grads]) if shard_grads else tf.zeros([])
+            total_sq = collectives.all_reduce_sum(tf.reshape(local_sq, [1]))[0]
+            use_norm = tf.sqrt(total_sq)
+            clip = tf.constant(inner.global_clipnorm, tf.float32)
+            scale_for_finite = clip * tf.minimum(1.0 / use_norm, 1.0 / clip)
+            scale = scale_for_finite + (use_norm - use_norm)
+            return [g * tf.cast(scale, g.dtype) for g in shard_grads]
+        if inner.clipvalue and inner.clipvalue > 0:
+            v = inner.clipvalue
+            return [tf.clip_by_value(g, -v, v) for g in shard_grads]
+        return shard_grads
+
+    def _all_gather_into_model(self, missing):
+        gathered = {}
+        for bucket, shard_var in zip(self._plan.buckets, self._shard_variables):
+            gathered[bucket.index] = collectives.all_gather(
+                _private.local_component(shard_var).read_value())
+        for i, var in enumerate(self._model_variables):
+            if i in missing:
+                continue
+            parts = [gathered[b][s.offset:s.offset + s.size]
+                     for b, s in self._plan.variable_segments(i)]
+            if not parts:
+                continue
+            value = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+            value = tf.reshape(value, var.shape)
+            if var.constraint is not None:
+                value = var.constraint(value)
+            _private.local_component(var).assign(tf.cast(value, var.dtype))
+
+    # ---- serialization ----------------------------------------------------
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self._inner),
+            "stage": self._requested_stage,
+            "bucket_size_bytes": self._requested_bucket_size,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+def _check_supported(inner):
+    for klass in type(inner).__mro__:
+        if klass.__name__ in WHOLE_TENSOR_OPTIMIZERS and klass.__module__.startswith("keras"):
+            raise ValueError(
+                f"{klass.__name__} updates each variable as a whole tensor, so "
+                "tf_zero cannot split it across replicas without changing its "
+                "math, and does not shard it yet. Use an element-wise optimizer "
+                "(SGD, Adam, AdamW, Adamax, Nadam, RMSprop, Adagrad, Adadelta, "
+                f"Ftrl, Lion) or train {klass.__name__} unwrapped.")
+    if inner.use_ema:
+        raise ValueError(
+            "ZeroOptimizer does not support use_ema=True on the inner optimizer "
+            "(the moving average would need the full weights); drop use_ema or "
+            "keep an EMA in a callback.")
+    if inner.gradient_accumulation_steps:
+        raise ValueError(
+            "Keras' gradient_accumulation_steps does not work under tf_zero "
+            "sharding (it also fails under MirroredStrategy, keras-team/keras#20582). "
+            "Remove it from the inner optimizer.")
+
+
+def _per_replica_creator(next_creator, **kwargs):
+    # Slots of a shard hold different values on every replica: make them
+    # sync-on-read so replica-context writes land on the local copy only.
+    kwargs["synchronization"] = tf.VariableSynchronization.ON_READ
+    kwargs["aggregation"] = tf.VariableAggregation.ONLY_FIRST_REPLICA
+    kwargs["trainable"] = False
+    return next_creator(**kwargs)
+
+
+def _inner_in_scope(inner, strategy):
+    """The inner optimizer with its own variables owned by `strategy`."""
+    iterations = _private.tf_variable(inner.iterations)
+    if strategy.extended.variable_created_in_scope(iterations):
+        return inner
+    if inner.built and inner.variables[2:]:
+        raise ValueError(
+            f"The inner optimizer {inner.name} already holds state created "
+            "outside strategy.scope(). Create it inside the scope, or pass a "
+            "fresh optimizer: ZeroOptimizer(keras.optimizers.Adam(...)).")
+    count = int(inner.iterations.numpy())
+    fresh = type(inner).from_config(inner.get_config())
+    fresh.iterations.assign(count)
+    return fresh
+
+
+def _match_slots(inner, shards, slots):
+    """Groups the inner optimizer's new variables by the shard they belong to.
+
+    Keras names a slot `{reference.path with '/' -> '_'}_{slot name}`. A slot
+    that matches no shard by name and shape means the optimizer is not
+    element-wise: refuse it rather than mis-shard it.
+    """
+    by_bucket = [[] for _ in shards]
+    prefixes = [(i, s.path.replace("/", "_") + "_") for i, s in enumerate(shards)]
+    prefixes.sort(key=lambda p: -len(p[1]))
+    for slot in slots:
+        for i, prefix in prefixes:
+            if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(shards[i].shape):
+                by_bucket[i].append(slot)
+                break
+        else:
+            raise ValueError(
+                f"{type(inner).__name__} created the variable {slot.name} of shape "
+                f"{tuple(slot.shape)}, which is not an element-wise slot of a "
+                "shard; tf_zero cannot shard this optimizer. Train it unwrapped.")
+    return by_bucket
