@@ -145,6 +145,15 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     def is_sharded(self) -> bool:
         return self._sharded
 
+    @property
+    def gradient_buffers(self):
+        """Gradient buffers kept between steps (none without accumulation)."""
+        return []
+
+    def unsharded_gradient_buffer_bytes(self) -> int:
+        """Bytes of gradient buffers an unsharded optimizer would keep."""
+        return 0
+
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
 

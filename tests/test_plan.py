@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from tf_zero.plan import plan_shards
+
+
+def _rebuild(plan, values):
+    """Scatter flat variables through the plan and back: must be lossless."""
+    buckets = []
+    for b in plan.buckets:
+        flat = np.zeros(b.padded_size)
+        for s in b.segments:
+            flat[s.offset:s.offset + s.size] = values[s.variable].ravel()[s.start:s.start + s.size]
+        buckets.append(flat)
+    out = [np.zeros(v.size) for v in values]
+    for r in range(plan.num_shards):
+        for b, flat in zip(plan.buckets, buckets):
+            lo, hi = b.shard_range(r)
+            shard = flat[lo:hi]
+            covered = np.zeros(b.shard_size, bool)
+            for p in b.shard_pieces(r):
+                out[p.variable][p.start:p.start + p.size] = shard[p.offset:p.offset + p.size]
+                covered[p.offset:p.offset + p.size] = True
+            assert not np.any(shard[~covered]), "padding must stay zero"
+    return [o.reshape(v.shape) for o, v in zip(out, values)]
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("bucket_bytes", [16, 40, 4096])
+def test_plan_is_lossless_and_padded(num_shards, bucket_bytes):
+    shapes = [(3, 5), (), (0, 4), (7,), (2, 2, 3), (1,)]
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=s) for s in shapes]
+    plan = plan_shards(shapes, ["float32"] * len(shapes), num_shards, bucket_bytes)
+    for b in plan.buckets:
+        assert b.padded_size % num_shards == 0
+        assert 0 <= b.padding < num_shards
+        assert b.size * 4 <= max(bucket_bytes, 4 * num_shards)
+    assert plan.total_elements == sum(int(np.prod(s)) for s in shapes)
+    for got, want in zip(_rebuild(plan, values), values):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_plan_is_deterministic_and_splits_large_variables():
+    shapes = [(10,), (25,), (3,)]
+    a = plan_shards(shapes, ["float32"] * 3, 4, 40)
+    b = plan_shards(shapes, ["float32"] * 3, 4, 40)
+    assert a == b
+    assert [bk.size for bk in a.buckets] == [10, 10, 10, 8]
+    assert [len(a.variable_segments(i)) for i in range(3)] == [1, 3, 1]
+
+
+def test_owner_of_matches_shard_ranges():
+    plan = plan_shards([(5,), (6,)], ["float32"] * 2, 3, 4096)
+    (bucket,) = plan.buckets
+    assert bucket.shard_size == 4 and bucket.padding == 1
+    assert [plan.owner_of(0, e) for e in range(5)] == [0, 0, 0, 0, 1]
+    assert [plan.owner_of(1, e) for e in range(6)] == [1, 1, 1, 2, 2, 2]
+    with pytest.raises(IndexError):
+        plan.owner_of(1, 6)
+
+
+def test_dtypes_never_share_a_bucket():
+    plan = plan_shards([(4,), (4,), (4,)], ["float32", "bfloat16", "float32"], 2, 4096)
+    assert [b.dtype for b in plan.buckets] == ["float32", "bfloat16", "float32"]
+
+
+def test_bucket_bounds_and_shard_elements():
+    plan = plan_shards([(1000,)], ["float32"], 4, 1024)
+    assert all(b.size <= 256 for b in plan.buckets)
+    assert plan.shard_elements(0) == sum(b.shard_size for b in plan.buckets)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shapes=[(2,)], dtypes=[], num_shards=2, bucket_size_bytes=64), "dtypes"),
+    (dict(shapes=[(2,)], dtypes=["float32"], num_shards=0, bucket_size_bytes=64), "num_shards"),
+    (dict(shapes=[(2,)], dtypes=["float32"], num_shards=2, bucket_size_bytes=0), "bucket_size"),
+    (dict(shapes=[(-1,)], dtypes=["float32"], num_shards=2, bucket_size_bytes=64), "negative"),
+])
+def test_plan_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_shards(**kwargs)
+
+
+def test_empty_plan():
+    plan = plan_shards([], [], 4, 64)
+    assert plan.buckets == () and plan.total_elements == 0

@@ -1,0 +1,158 @@
+"""Per-replica memory of training state, read from the device components."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from tf_zero import _private
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaMemory:
+    """Bytes of persistent training state held on one device.
+
+    Attributes:
+        device: the device name.
+        weights: trainable model weights (full copies on every replica
+            at stages 1 and 2).
+        weight_shards: the replica's slice of the weights that the inner
+            optimizer updates (0 when not sharded).
+        slots: optimizer slot variables (momenta, velocities, ...).
+        gradient_buffers: gradients kept between steps (accumulators).
+    """
+
+    device: str
+    weights: int = 0
+    weight_shards: int = 0
+    slots: int = 0
+    gradient_buffers: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.weight_shards + self.slots + self.gradient_buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Measured per-replica bytes, with the unsharded optimizer's figure.
+
+    Attributes:
+        stage: ZeRO stage, or 0 for an optimizer that does not shard.
+        replicas: one `ReplicaMemory` per local device.
+        unsharded: what the plain inner optimizer would hold per replica.
+    """
+
+    stage: int
+    replicas: tuple[ReplicaMemory, ...]
+    unsharded: ReplicaMemory
+
+    @property
+    def max_replica(self) -> ReplicaMemory:
+        return max(self.replicas, key=lambda r: r.total)
+
+    def __str__(self):
+        def mib(b):
+            return f"{b / 2**20:10.3f}"
+
+        header = (f"{'device':<40}{'weights':>10}{'w-shards':>10}{'slots':>10}"
+                  f"{'grad-buf':>10}{'total':>10}  (MiB)")
+        lines = [f"tf_zero memory report (stage {self.stage})", header]
+        for r in self.replicas + (self.unsharded,):
+            lines.append(f"{r.device:<40}{mib(r.weights)}{mib(r.weight_shards)}"
+                         f"{mib(r.slots)}{mib(r.gradient_buffers)}{mib(r.total)}")
+        return "\n".join(lines)
+
+
+def _add(acc, device, field, nbytes):
+    acc.setdefault(device, {}).setdefault(field, 0)
+    acc[device][field] += nbytes
+
+
+def _nbytes(component):
+    return int(component.shape.num_elements()) * component.dtype.size
+
+
+def _unwrap(optimizer):
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def memory_report(optimizer) -> MemoryReport:
+    """Measures the per-replica bytes of an optimizer's training state.
+
+    Every figure is summed from the actual per-device components of the
+    variables (a sharded slot of 1/N of a bucket counts 1/N), never derived
+    from a formula. Works for `ZeroOptimizer` and for plain Keras optimizers
+    (stage 0), so the two can be put side by side.
+
+    Args:
+        optimizer: a built `ZeroOptimizer` or Keras optimizer (a
+            `LossScaleOptimizer` is looked through).
+
+    Returns:
+        A `MemoryReport`.
+
+    Raises:
+        ValueError: the optimizer is not built yet.
+    """
+    from tf_zero.optimizer import ZeroOptimizer
+
+    optimizer = _unwrap(optimizer)
+    if not optimizer.built:
+        raise ValueError(
+            "memory_report needs a built optimizer: call it after model.fit "
+            "or optimizer.build(model.trainable_variables).")
+    acc: dict = {}
+    if isinstance(optimizer, ZeroOptimizer) and optimizer.is_sharded:
+        stage = optimizer.stage
+        model_vars = optimizer._model_variables
+        inner = optimizer.inner_optimizer
+        for shard in optimizer._shard_variables:
+            for c in _private.components(shard):
+                _add(acc, c.device, "weight_shards", _nbytes(c))
+        for slots in optimizer._slots_by_bucket:
+            for slot in slots:
+                for c in _private.components(slot):
+                    _add(acc, c.device, "slots", _nbytes(c))
+        for buf in optimizer.gradient_buffers:
+            for c in _private.components(buf):
+                _add(acc, c.device, "gradient_buffers", _nbytes(c))
+        unsharded_slots = sum(
+            sum(bucket.size * _itemsize(s.dtype) for s in slots)
+            for bucket, slots in zip(optimizer.plan.buckets, optimizer._slots_by_bucket))
+        unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
+    else:
+        stage = 0
+        inner = optimizer.inner_optimizer if isinstance(optimizer, ZeroOptimizer) else optimizer
+        model_vars = list(inner._trainable_variables)
+        skip = {id(inner._iterations), id(getattr(inner, "_learning_rate", None))}
+        slot_vars = [v for v in inner.variables if id(v) not in skip]
+        for slot in slot_vars:
+            for c in _private.components(slot):
+                _add(acc, c.device, "slots", _nbytes(c))
+        unsharded_slots = None
+        unsharded_grads = 0
+        for buf in getattr(inner, "_accumulated_gradients", []) or []:
+            for c in _private.components(buf):
+                _add(acc, c.device, "gradient_buffers", _nbytes(c))
+    for var in model_vars:
+        for c in _private.components(var):
+            _add(acc, c.device, "weights", _nbytes(c))
+    replicas = tuple(ReplicaMemory(device=d, **fields) for d, fields in sorted(acc.items()))
+    first = replicas[0] if replicas else ReplicaMemory("none")
+    if unsharded_slots is None:
+        unsharded_slots = first.slots
+        unsharded_grads = first.gradient_buffers
+    unsharded = ReplicaMemory(device="unsharded (per replica)", weights=first.weights,
+                              slots=unsharded_slots, gradient_buffers=unsharded_grads)
+    return MemoryReport(stage=stage, replicas=replicas, unsharded=unsharded)
+
+
+def _itemsize(dtype):
+    import numpy as np
+
+    dtype = keras.backend.standardize_dtype(dtype)
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
