@@ -239,3 +239,37 @@ class LocalDevicesExtended(_cars.CollectiveAllReduceExtended):
 
 def in_multi_worker_mode(strategy) -> bool:
     return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())
+
+
+def local_replica_ranks(strategy) -> list[int]:
+    """Global replica ids of this worker's local replicas, in device order."""
+    per_worker = len(strategy.extended.worker_devices)
+    worker = int(getattr(strategy.extended, "_id_in_cluster", 0) or 0) \
+        if in_multi_worker_mode(strategy) else 0
+    return [worker * per_worker + i for i in range(per_worker)]
+
+
+# Keras' TensorFlow optimizer routes `_backend_update_step` through
+# `merge_call` + `extended.update`, which would update a shard as if it were
+# a mirrored variable. An inner optimizer driven by tf_zero runs the plain
+# backend-agnostic loop instead (still calling any subclass override first,
+# e.g. Nadam's per-step momentum-product update).
+from keras.src.backend.tensorflow import optimizer as _keras_tf_optimizer  # noqa: E402
+from keras.src.optimizers import base_optimizer as _keras_base_optimizer  # noqa: E402
+
+_tf_backend_update_step = _keras_tf_optimizer.TFOptimizer._backend_update_step
+
+
+def _local_backend_update_step(self, grads, trainable_variables, learning_rate):
+    if getattr(self, "_tf_zero_local_update", False):
+        return _keras_base_optimizer.BaseOptimizer._backend_update_step(
+            self, grads, trainable_variables, learning_rate)
+    return _tf_backend_update_step(self, grads, trainable_variables, learning_rate)
+
+
+_keras_tf_optimizer.TFOptimizer._backend_update_step = _local_backend_update_step
+
+
+def mark_local_update(optimizer) -> None:
+    """Makes `optimizer._backend_update_step` update replica-local shards."""
+    optimizer._tf_zero_local_update = True

@@ -201,15 +201,42 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 initializer="zeros", shape=(bucket.shard_size,),
                 dtype=bucket.dtype, trainable=False, name=f"zero_shard_{bucket.index}",
                 synchronization="on_read", aggregation="only_first_replica"))
+        self._fill_shards_from_model(strategy, shards)
         before = len(self._inner.variables)
+        _private.mark_local_update(self._inner)
         with tf.variable_creator_scope(_per_replica_creator):
             self._inner.build(shards)
         slots = self._inner.variables[before:]
         self._slots_by_bucket = _match_slots(self._inner, shards, slots)
+        for name in _SLOTS_INITIALIZED_FROM_VARIABLE.get(type(self._inner).__name__, ()):
+            for shard, bucket_slots in zip(shards, self._slots_by_bucket):
+                for slot in bucket_slots:
+                    if slot.name.endswith("_" + name):
+                        for src, dst in zip(_private.components(shard),
+                                            _private.components(slot)):
+                            dst.assign(src)
         self._shard_variables = shards
         for v in shards:
             self._track_variable(v)
         super().build(var_list)
+
+    def _fill_shards_from_model(self, strategy, shards):
+        """Writes each replica's weight slice into its shard components."""
+        ranks = _private.local_replica_ranks(strategy)
+        flat = {}
+        for bucket, shard in zip(self._plan.buckets, shards):
+            for rank, comp in zip(ranks, _private.components(shard)):
+                parts = []
+                for p in bucket.shard_pieces(rank):
+                    if p.variable not in flat:
+                        value = self._model_variables[p.variable].numpy()
+                        flat[p.variable] = np.asarray(value).reshape(-1)
+                    parts.append(flat[p.variable][p.start:p.start + p.size])
+                values = np.zeros([bucket.shard_size], dtype=comp.dtype.as_numpy_dtype)
+                if parts:
+                    joined = np.concatenate(parts)
+                    values[:joined.size] = joined
+                comp.assign(values)
 
     # ---- step -------------------------------------------------------------
 
@@ -269,6 +296,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         shard_grads = self._clip(shard_grads, rank, missing)
         lr = inner.learning_rate
 
+        update_grads, update_vars, restore = [], [], []
         for bucket, shard_var, grad in zip(self._plan.buckets, self._shard_variables,
                                            shard_grads):
             pieces = bucket.shard_pieces(rank)
@@ -277,17 +305,23 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             frozen = [p for p in pieces if p.variable in missing]
             if frozen and len(frozen) == len(pieces):
                 continue
-            keep_mask = None
             if frozen:
-                keep_mask = self._mask(bucket, pieces, lambda p: p.variable in missing)
+                # Variables without a gradient share this shard: their weights
+                # and slots must come out of the update untouched.
+                keep = self._mask(bucket, pieces, lambda p: p.variable in missing)
+                state = [shard_var] + self._slots_by_bucket[bucket.index]
                 saved = [tf.identity(_private.local_component(v).read_value())
-                         for v in [shard_var] + self._slots_by_bucket[bucket.index]]
+                         for v in state]
+                restore.append((keep, state, saved))
             self._weight_decay(bucket, shard_var, pieces, lr)
-            inner.update_step(grad, shard_var, lr)
-            if frozen:
-                for v, old in zip([shard_var] + self._slots_by_bucket[bucket.index], saved):
-                    comp = _private.local_component(v)
-                    comp.assign(tf.where(keep_mask, old, comp.read_value()))
+            update_grads.append(grad)
+            update_vars.append(shard_var)
+        if update_vars:
+            inner._backend_update_step(update_grads, update_vars, lr)
+        for keep, state, saved in restore:
+            for v, old in zip(state, saved):
+                comp = _private.local_component(v)
+                comp.assign(tf.where(keep, old, comp.read_value()))
         _private.local_component(inner.iterations).assign_add(1)
 
         self._all_gather_into_model(missing)
@@ -445,6 +479,11 @@ def _check_supported(inner):
             "Keras' gradient_accumulation_steps does not work under tf_zero "
             "sharding (it also fails under MirroredStrategy, keras-team/keras#20582). "
             "Remove it from the inner optimizer.")
+
+
+# Optimizers whose build() initializes a slot from the variable's value; the
+# shards do not hold their values yet when build() runs on all replicas at once.
+_SLOTS_INITIALIZED_FROM_VARIABLE = {"ScheduleFreeAdamW": ("momentum",)}
 
 
 def _per_replica_creator(next_creator, **kwargs):
