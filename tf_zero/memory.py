@@ -60,7 +60,8 @@ class MemoryReport:
                   f"{'grad-buf':>10}{'total':>10}  (MiB)")
         lines = [f"tf_zero memory report (stage {self.stage})", header]
         for r in self.replicas + (self.unsharded,):
-            lines.append(f"{r.device:<40}{mib(r.weights)}{mib(r.weight_shards)}"
+            device = r.device.replace("/job:localhost/replica:0/task:0", "")
+            lines.append(f"{device:<40}{mib(r.weights)}{mib(r.weight_shards)}"
                          f"{mib(r.slots)}{mib(r.gradient_buffers)}{mib(r.total)}")
         return "\n".join(lines)
 

@@ -1,0 +1,64 @@
+"""The private TensorFlow entry points tf_zero relies on still behave."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import zero_strategy
+
+from tf_zero import _private
+
+
+def test_version_is_checked():
+    _private.check_tensorflow_version("2.21.3")
+    with pytest.raises(RuntimeError, match="pip install"):
+        _private.check_tensorflow_version("2.99.0")
+
+
+def test_collective_key_bases_are_unique():
+    bases = {_private.next_collective_key_base() for _ in range(5)}
+    assert len(bases) == 5
+
+
+def test_launchers_exist_for_every_local_replica():
+    strategy = zero_strategy(4)
+    launchers = strategy.extended._cross_device_ops._launchers
+    assert len(launchers) == 4
+    assert _private.local_replica_ranks(strategy) == [0, 1, 2, 3]
+
+    @tf.function
+    def probe():
+        def fn():
+            launcher = _private.collective_launcher(strategy)
+            return tf.constant(launcher._group_size) * 100 + _private.global_replica_id()
+        return strategy.run(fn)
+
+    got = [int(t) for t in strategy.experimental_local_results(probe())]
+    assert got == [400, 401, 402, 403]
+
+
+def test_local_component_writes_one_replica_only():
+    strategy = zero_strategy(2)
+    with strategy.scope():
+        v = keras.Variable(np.zeros(2, np.float32), trainable=False,
+                           synchronization="on_read", aggregation="only_first_replica")
+
+    @tf.function
+    def write():
+        def fn():
+            rid = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group,
+                          tf.float32)
+            _private.local_component(v).assign(tf.fill([2], rid + 1.0))
+        strategy.run(fn)
+
+    write()
+    assert [c.numpy().tolist() for c in _private.components(v)] == [[1.0, 1.0], [2.0, 2.0]]
+    assert _private.is_sync_on_read(v) and _private.is_distributed_variable(v)
+
+
+def test_plain_keras_optimizers_keep_their_tf_update_path():
+    """The _backend_update_step hook only changes optimizers tf_zero drives."""
+    opt = keras.optimizers.SGD()
+    assert not getattr(opt, "_tf_zero_local_update", False)
+    _private.mark_local_update(opt)
+    assert opt._tf_zero_local_update

@@ -1,0 +1,98 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import devices, mlp, regression_data, zero_strategy
+from multi_worker import run_workers
+
+import tf_zero
+
+
+def test_defaults_and_config():
+    strategy = zero_strategy(4)
+    assert strategy.num_replicas_in_sync == 4
+    assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    assert strategy.zero_config == tf_zero.ZeroConfig(stage=2)
+    assert strategy.stage == 2
+
+
+def test_default_devices_are_all_logical_cpus():
+    strategy = tf_zero.ZeroStrategy()
+    assert strategy.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
+
+
+def test_several_instances_in_one_process_do_not_collide():
+    """Differently sized strategies, used alternately, in one process."""
+    x, y = regression_data()
+    for n in (2, 3, 2, 4):
+        strategy = tf_zero.ZeroStrategy(devices(n))
+        with strategy.scope():
+            model = mlp()
+            model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.SGD(0.1)),
+                          loss="mse")
+        model.fit(x, y, batch_size=24, epochs=1, verbose=0)
+    assert strategy._collective_key_base != zero_strategy(4)._collective_key_base
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(stage=5), ValueError, "stage"),
+    (dict(reduce_dtype="int8"), ValueError, "reduce_dtype"),
+    (dict(devices_per_worker=0), ValueError, "devices_per_worker"),
+])
+def test_bad_configuration(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tf_zero.ZeroStrategy(devices(2), **kwargs)
+
+
+def test_devices_and_cluster_are_exclusive(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(ValueError, match="devices_per_worker"):
+        tf_zero.ZeroStrategy(devices(2))
+
+
+def test_reduce_maps_over_nests_and_scalars():
+    strategy = zero_strategy(2)
+    per_replica = strategy.run(tf.function(lambda: (
+        tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32),
+        {"v": tf.ones([3])})))
+    mean = strategy.reduce("MEAN", per_replica, axis=0)
+    assert float(mean[0]) == pytest.approx(0.5)
+    np.testing.assert_allclose(mean[1]["v"].numpy(), 1.0)
+
+
+@pytest.fixture(scope="module")
+def one_process_reference():
+    x, y = regression_data()
+    strategy = zero_strategy(4)
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)),
+                      loss="mse")
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(24), epochs=2, verbose=0)
+    return model.get_weights()
+
+
+def test_multi_worker_fit_matches_one_process(tmp_path, one_process_reference):
+    """2 workers x 2 logical CPUs = 4 replicas, same weights as 1 process x 4."""
+    script = os.path.join(os.path.dirname(__file__), "multi_worker_job.py")
+    codes, outs = run_workers([script, "zero", str(tmp_path), "2"], 2, timeout=240)
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    w0 = np.load(tmp_path / "worker0.npz")
+    w1 = np.load(tmp_path / "worker1.npz")
+    for i, ref in enumerate(one_process_reference):
+        np.testing.assert_array_equal(w0[f"arr_{i}"], w1[f"arr_{i}"])
+        np.testing.assert_allclose(w0[f"arr_{i}"], ref, atol=1e-6)
+    assert json.loads((tmp_path / "worker0.json").read_text())["replicas"] == 4
+
+
+def test_plain_keras_fit_fails_under_multi_worker_strategy(tmp_path):
+    """Documents keras-team/keras#20585, the failure ZeroStrategy fixes."""
+    script = os.path.join(os.path.dirname(__file__), "multi_worker_job.py")
+    codes, outs = run_workers([script, "plain", str(tmp_path), "1"], 2, timeout=240)
+    assert codes != [0, 0]
+    assert any("PerReplica" in o and "Traceback" in o for o in outs)
