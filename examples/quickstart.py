@@ -20,7 +20,7 @@ def parse_args():
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--stage", type=int, default=2, choices=[1, 2])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=2048)
     return parser.parse_args()
 
 

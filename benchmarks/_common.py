@@ -1,0 +1,76 @@
+"""Shared helpers of the benchmark scripts (each run is its own process)."""
+
+import os
+import resource
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+MODES = ("mirrored", "stage1", "stage2")
+
+
+def configure_cpus(n):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return None
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    return [f"/cpu:{i}" for i in range(n)]
+
+
+def hidden_for(params, inputs=64, outputs=10, layers=3):
+    """Width of an MLP with `layers` hidden layers and about `params` weights."""
+    # params ~ inputs*h + (layers-1)*h*h + h*outputs
+    a, b, c = layers - 1, inputs + outputs + layers, -params
+    return max(8, int((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)))
+
+
+def make_model(hidden, inputs=64, outputs=10, layers=3):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    stack = [keras.Input((inputs,))]
+    stack += [keras.layers.Dense(hidden, activation="relu") for _ in range(layers)]
+    stack += [keras.layers.Dense(outputs)]
+    return keras.Sequential(stack)
+
+
+def make_strategy_and_model(mode, devices, hidden, lr=1e-3):
+    import keras
+
+    import tf_zero
+    from tf_zero import _private
+
+    if mode == "mirrored":
+        strategy = _private.new_mirrored_strategy(devices)
+    else:
+        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]))
+    with strategy.scope():
+        model = make_model(hidden)
+        opt = keras.optimizers.Adam(lr)
+        if mode != "mirrored":
+            opt = tf_zero.ZeroOptimizer(opt)
+        model.compile(optimizer=opt, loss="mse")
+    return strategy, model
+
+
+def make_data(n, inputs=64, outputs=10):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(n, inputs)).astype("float32"),
+            rng.normal(size=(n, outputs)).astype("float32"))
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(args):
+    """Runs this interpreter on `args`; returns the last line of stdout."""
+    out = subprocess.run([sys.executable] + args, check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()
+    return out[-1]

@@ -1,0 +1,70 @@
+"""Per-replica memory of MirroredStrategy vs ZeRO stage 1 and 2, measured.
+
+For each N and mode, a fresh process builds the model (Adam), trains a few
+steps, and reports: per-replica bytes of weights, weight shards, optimizer
+slots and gradient buffers (from the variables' device components, via
+tf_zero.memory_report) and the process's peak RSS. On CPU all logical
+replicas share one process, so peak RSS shows the real saving, transient
+buffers included.
+
+    python benchmarks/memory.py [--params 50e6] [--replicas 1 2 4 8] [--steps 3]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def child(mode, n, params, steps, hidden=None):
+    devices = _common.configure_cpus(n)
+    import tf_zero
+
+    hidden = hidden or _common.hidden_for(params)
+    strategy, model = _common.make_strategy_and_model(mode, devices, hidden)
+    x, y = _common.make_data(16 * n * steps)
+    model.fit(x, y, batch_size=16 * n, epochs=1, verbose=0)
+    report = tf_zero.memory_report(model.optimizer)
+    r = report.max_replica
+    print(json.dumps({"mode": mode, "n": n, "params": model.count_params(),
+                      "weights": r.weights, "weight_shards": r.weight_shards,
+                      "slots": r.slots, "grad_buffers": r.gradient_buffers,
+                      "peak_rss_mib": _common.peak_rss_mib()}))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", type=float, default=50e6)
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="MLP width; overrides --params (quickstart: 2048)")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--modes", nargs="+", default=list(_common.MODES))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", nargs=2)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], int(args.child[1]), int(args.params), args.steps,
+                     args.hidden)
+    mib = 2 ** 20
+    print(f"{'N':>3} {'mode':>9} {'params':>11} {'weights':>9} {'w-shards':>9} "
+          f"{'slots':>9} {'grad-buf':>9} {'peak RSS':>9}   (MiB per replica; RSS per process)")
+    for n in args.replicas:
+        base = None
+        for mode in args.modes:
+            line = _common.run_child([__file__, "--child", mode, str(n), "--params",
+                                      str(args.params), "--steps", str(args.steps)]
+                                     + (["--hidden", str(args.hidden)] if args.hidden else []))
+            r = json.loads(line)
+            base = base or r
+            print(f"{n:>3} {mode:>9} {r['params']:>11,} {r['weights'] / mib:>9.1f} "
+                  f"{r['weight_shards'] / mib:>9.1f} {r['slots'] / mib:>9.1f} "
+                  f"{r['grad_buffers'] / mib:>9.1f} {r['peak_rss_mib']:>9.0f}"
+                  f"   slots x{r['slots'] / base['slots']:.3f}"
+                  f"  RSS x{r['peak_rss_mib'] / base['peak_rss_mib']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

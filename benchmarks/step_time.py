@@ -1,0 +1,69 @@
+"""Median fit step time: MirroredStrategy vs ZeRO stage 1 vs stage 2.
+
+All three models live in one process on the same N replicas and data; their
+epochs are interleaved (mirrored, stage1, stage2, mirrored, ...) so machine
+noise hits them alike. The first epoch of each (tracing, warm-up) is
+excluded; the median over the remaining steps is reported, with ratios.
+
+    python benchmarks/step_time.py [--params 2e6] [--replicas 4] [--epochs 4]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", type=float, default=2e6)
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="MLP width; overrides --params (quickstart: 2048)")
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-per-replica", type=int, default=32)
+    args = parser.parse_args()
+    devices = _common.configure_cpus(args.replicas)
+    import keras
+
+    hidden = args.hidden or _common.hidden_for(int(args.params))
+    batch = args.batch_per_replica * args.replicas
+    x, y = _common.make_data(batch * args.steps)
+
+    class Timer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self._t)
+
+    runs = {}
+    for mode in _common.MODES:
+        _, model = _common.make_strategy_and_model(mode, devices, hidden)
+        runs[mode] = (model, Timer())
+    for epoch in range(args.epochs):
+        for mode, (model, timer) in runs.items():
+            if epoch == 0:
+                model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # warm-up
+            else:
+                model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
+    params = runs["mirrored"][0].count_params()
+    print(f"{params:,} parameters, Adam, {args.replicas} replicas, global batch {batch}, "
+          f"{len(runs['mirrored'][1].times)} timed steps each")
+    base = statistics.median(runs["mirrored"][1].times)
+    for mode, (_, timer) in runs.items():
+        med = statistics.median(timer.times)
+        print(f"{mode:>9}: median step {med * 1000:8.2f} ms   x{med / base:.3f} of mirrored")
+
+
+if __name__ == "__main__":
+    main()
