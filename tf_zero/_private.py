@@ -273,3 +273,34 @@ _keras_tf_optimizer.TFOptimizer._backend_update_step = _local_backend_update_ste
 def mark_local_update(optimizer) -> None:
     """Makes `optimizer._backend_update_step` update replica-local shards."""
     optimizer._tf_zero_local_update = True
+
+
+# Checkpointing: the base class of objects that serialize themselves, and the
+# key TensorFlow uses for a variable's value.
+Trackable = tf.__internal__.tracking.Trackable
+VARIABLE_VALUE_KEY = "VARIABLE_VALUE"
+
+
+def register_keras_saving_skiplist(obj_type: str, extra=()) -> None:
+    """Makes Keras' `.keras` / `.weights.h5` walker skip `extra` attributes.
+
+    Keras saves every attribute of an optimizer that is itself saveable; a
+    ZeroOptimizer saves its inner optimizer's state itself (unsharded), so
+    the walker must not also save the inner optimizer's raw shards.
+    """
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    key = f"saving_attr_skiplist_{obj_type}"
+    if global_state.get_global_attribute(key, None) is None:
+        skipset = set(saving_lib.get_attr_skipset("Optimizer")) | set(extra)
+        global_state.set_global_attribute(key, skipset)
+
+
+def strategy_of(variables):
+    """The strategy that created the first distributed variable, or None."""
+    for v in variables:
+        var = tf_variable(v)
+        if isinstance(var, _values.DistributedVariable):
+            return var._distribute_strategy
+    return None

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, collectives
+from tf_zero import _private, collectives, sharded_state
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
 from tf_zero.plan import ShardPlan, plan_shards
 
@@ -103,6 +103,13 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         self._shard_variables = []
         self._slots_by_bucket = []
         self._sharded = False
+        self._strategy = None
+        self._pending_load = None
+        items = [inner_optimizer._iterations]
+        if isinstance(inner_optimizer._learning_rate, keras.Variable):
+            items.append(inner_optimizer._learning_rate)
+        self._checkpoint_items = sharded_state.CheckpointList(items)
+        self._checkpoint_model_variables = sharded_state.CheckpointList()
 
     # ---- forwarding -------------------------------------------------------
 
@@ -171,15 +178,28 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         return ZeroConfig(stage=stage, bucket_size_bytes=bucket,
                           reduce_dtype=reduce_dtype)
 
-    @keras.src.utils.tracking.no_automatic_dependency_tracking
     def build(self, var_list):
+        strategy = _private.strategy_of(var_list)
+        if strategy is not None and not tf.distribute.has_strategy():
+            with strategy.scope():  # built outside the scope, e.g. before load
+                return self._build(var_list)
+        return self._build(var_list)
+
+    @keras.src.utils.tracking.no_automatic_dependency_tracking
+    def _build(self, var_list):
         strategy = tf.distribute.get_strategy()
+        self._strategy = strategy
         self._zero_config = self._resolve_config(strategy)
         self._sharded = tf.distribute.has_strategy() and not isinstance(
             strategy, tf.distribute.OneDeviceStrategy)
         if not self._sharded:
             self._inner.build(var_list)
+            for v in self._inner.variables[len(self._checkpoint_items):]:
+                self._checkpoint_items.append(v)
+            for v in getattr(self._inner, "_trainable_variables", var_list):
+                self._checkpoint_model_variables.append(v)
             super().build(var_list)
+            self._apply_pending_load()
             return
         if tf.distribute.in_cross_replica_context() is False:
             raise RuntimeError(
@@ -188,6 +208,9 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 "optimizer.build(model.trainable_variables) under "
                 "strategy.scope() before the first step).")
         self._inner = _inner_in_scope(self._inner, strategy)
+        self._checkpoint_items[0] = self._inner._iterations
+        if isinstance(self._inner._learning_rate, keras.Variable):
+            self._checkpoint_items[1] = self._inner._learning_rate
         model_vars = [v for v in var_list
                       if v.trainable and keras.backend.is_float_dtype(v.dtype)]
         self._model_variables = model_vars
@@ -218,7 +241,89 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         self._shard_variables = shards
         for v in shards:
             self._track_variable(v)
+        for v in model_vars:
+            self._checkpoint_model_variables.append(v)
+        self._add_unsharded_slots()
         super().build(var_list)
+        self._apply_pending_load()
+
+    def _add_unsharded_slots(self):
+        """Checkpoint items for the slots, in the plain optimizer's order."""
+        probe_vars = [keras.Variable(np.zeros(1, np.float32), name=n, trainable=True)
+                      for n in ("a", "b")]
+        groups = sharded_state.slot_layout(self._inner, probe_vars)
+        shard_prefix = [s.path.replace("/", "_") + "_" for s in self._shard_variables]
+        names = [[slot.name[len(shard_prefix[b]):] for slot in slots]
+                 for b, slots in enumerate(self._slots_by_bucket)]
+        for group in groups:
+            for k in range(len(self._model_variables)):
+                for name in group:
+                    position = names[0].index(name) if names else 0
+                    self._checkpoint_items.append(
+                        sharded_state.UnshardedSlot(self, k, position, name))
+
+    # ---- checkpoints ------------------------------------------------------
+
+    def _obj_type(self):
+        _private.register_keras_saving_skiplist("ZeroOptimizer", ("inner_optimizer", "_inner"))
+        return "ZeroOptimizer"
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # Look like the plain inner optimizer: same dependency names, with
+        # sharded slots replaced by their full, unpadded values.
+        inner = self._inner
+        children = {"_iterations": inner._iterations,
+                    "_variables": self._checkpoint_items}
+        if isinstance(inner._learning_rate, keras.Variable):
+            children["_learning_rate"] = inner._learning_rate
+        if len(self._checkpoint_model_variables):
+            children["_trainable_variables"] = self._checkpoint_model_variables
+        known = {id(v) for v in inner.variables}
+        for name, child in inner._trackable_children(save_type, **kwargs).items():
+            if isinstance(child, (keras.Variable, tf.Variable)) and id(child) not in known:
+                children.setdefault(name, child)  # e.g. Nadam's _u_product
+        return children
+
+    def save_own_variables(self, store):
+        """Writes the plain inner optimizer's variables, slots unsharded."""
+        for i, item in enumerate(self._checkpoint_items):
+            store[str(i)] = sharded_state.as_numpy(item)
+
+    def load_own_variables(self, store):
+        """Reads a plain or tf_zero optimizer's variables (any replica count).
+
+        Raises:
+            ValueError: the store holds another number of variables or other
+                shapes than this optimizer on this model.
+        """
+        values = {key: np.array(store[key]) for key in store.keys()}
+        if not self.built:
+            self._pending_load = values  # restored when build() runs
+            return
+        self._load_values(values)
+
+    def _apply_pending_load(self):
+        if self._pending_load is not None:
+            values, self._pending_load = self._pending_load, None
+            self._load_values(values)
+
+    def _load_values(self, values):
+        items = list(self._checkpoint_items)
+        if len(values) != len(items):
+            raise ValueError(
+                f"The saved optimizer state has {len(values)} variables but "
+                f"{self.name} ({type(self._inner).__name__} on this model) has "
+                f"{len(items)}: the checkpoint comes from a different optimizer "
+                "or model. Load it into the optimizer and model it was saved from.")
+        for i, item in enumerate(items):
+            value = values[str(i)]
+            if tuple(value.shape) != tuple(item.shape):
+                raise ValueError(
+                    f"Saved optimizer variable {i} has shape {tuple(value.shape)} "
+                    f"but {item.name} has shape {tuple(item.shape)}: the "
+                    "checkpoint comes from a different model or optimizer.")
+        for i, item in enumerate(items):
+            item.assign(values[str(i)])
 
     def _fill_shards_from_model(self, strategy, shards):
         """Writes each replica's weight slice into its shard components."""

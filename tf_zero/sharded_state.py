@@ -1,0 +1,202 @@
+"""Sharded optimizer state that saves and restores as if it were unsharded.
+
+TensorFlow saves a sync-on-read variable as replica 0's component and
+restores that value on every replica, so a naively checkpointed shard loses
+N-1 of its N pieces. Each `UnshardedSlot` here stands for one slot (say, Adam's
+momentum) of one model variable: saving assembles the full, unpadded tensor
+from the shards that hold its pieces; restoring writes each replica's pieces
+back into its own shard. A checkpoint therefore has the same keys, shapes and
+values as the plain inner optimizer's, whatever the replica count or stage.
+
+`slot_layout` recovers the order in which the plain optimizer would create its
+slot variables, which fixes their position in `optimizer.variables` (the key
+of Keras' `.weights.h5` files and of `tf.train.Checkpoint`'s `_variables/i`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tf_zero import _private
+
+
+class UnshardedSlot(_private.Trackable):
+    """Checkpoint face of slot `slot_name` of model variable `variable_index`.
+
+    Args:
+        optimizer: the built, sharded `ZeroOptimizer`.
+        variable_index: index of the model variable in the shard plan.
+        slot_position: position of the slot in each bucket's slot list.
+        slot_name: the slot's name (e.g. "momentum").
+    """
+
+    def __init__(self, optimizer, variable_index, slot_position, slot_name):
+        self._optimizer = optimizer
+        self._index = variable_index
+        self._position = slot_position
+        self.slot_name = slot_name
+        variable = optimizer._model_variables[variable_index]
+        self.shape = tuple(variable.shape)
+        self.dtype = tf.as_dtype(variable.dtype)
+        self.name = f"{variable.path.replace('/', '_')}_{slot_name}"
+
+    def _bucket_slot(self, bucket_index):
+        return self._optimizer._slots_by_bucket[bucket_index][self._position]
+
+    # -- reading ----------------------------------------------------------
+
+    def value(self) -> tf.Tensor:
+        """The full, unpadded slot value, assembled from every shard."""
+        opt = self._optimizer
+        plan = opt.plan
+        strategy = opt._strategy
+        multi_worker = _private.in_multi_worker_mode(strategy)
+        parts = []
+        for b, seg in plan.variable_segments(self._index):
+            bucket = plan.buckets[b]
+            slot = self._bucket_slot(b)
+            lo, hi = seg.offset, seg.offset + seg.size
+            if multi_worker:
+                full = _gather_components(strategy, slot)
+                parts.append(full[lo:hi])
+                continue
+            comps = _private.components(slot)
+            size = bucket.shard_size
+            for rank in range(lo // size, (hi - 1) // size + 1):
+                a = max(lo, rank * size) - rank * size
+                z = min(hi, (rank + 1) * size) - rank * size
+                with tf.device(comps[rank].device):
+                    parts.append(tf.identity(comps[rank].read_value()[a:z]))
+        if not parts:
+            return tf.zeros(self.shape, self.dtype)
+        with tf.device("/cpu:0"):
+            flat = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+            return tf.reshape(flat, self.shape)
+
+    def numpy(self):
+        return self.value().numpy()
+
+    # -- writing ----------------------------------------------------------
+
+    def assign(self, value):
+        """Writes a full slot value into the shards of this worker's replicas."""
+        value = tf.convert_to_tensor(value)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"Checkpoint value for optimizer slot {self.name} has shape "
+                f"{tuple(value.shape)} but the model variable has shape "
+                f"{self.shape}: the checkpoint belongs to a different model.")
+        opt = self._optimizer
+        plan = opt.plan
+        flat = tf.reshape(value, [-1])
+        ranks = _private.local_replica_ranks(opt._strategy)
+        for b, _ in plan.variable_segments(self._index):
+            bucket = plan.buckets[b]
+            comps = _private.components(self._bucket_slot(b))
+            for rank, comp in zip(ranks, comps):
+                for p in bucket.shard_pieces(rank):
+                    if p.variable == self._index:
+                        comp[p.offset:p.offset + p.size].assign(
+                            tf.cast(flat[p.start:p.start + p.size], comp.dtype))
+
+    # -- tf.train.Checkpoint ------------------------------------------------
+
+    def _serialize_to_tensors(self):
+        return {_private.VARIABLE_VALUE_KEY: self.value()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
+        return tf.no_op()
+
+
+def _gather_components(strategy, variable):
+    """All replicas' components of a per-replica variable, in rank order."""
+    comps = _private.components(variable)
+    offset = _private.local_replica_ranks(strategy)[0]
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: comps[ctx.replica_id_in_sync_group - offset].read_value())
+    return strategy.gather(per_replica, axis=0)
+
+
+def slot_layout(inner_optimizer, probe_variables):
+    """Order of the plain optimizer's slots, learned from a 2-variable probe.
+
+    Keras optimizers create slots in calls to `add_optimizer_variables` /
+    `add_variable_from_reference`, each call looping over the variables with
+    a list of slot names (Adam: momentum, velocity; then, with amsgrad, a
+    second call for velocity_hat). A fresh copy of the optimizer is built on
+    two tiny variables and its slot sequence parsed into such call groups.
+
+    Args:
+        inner_optimizer: the optimizer whose config is probed.
+        probe_variables: two 1-element Keras variables named "a" and "b".
+
+    Returns:
+        A list of groups, each a list of slot names; the plain optimizer's
+        slots are, group by group, for each variable, for each name.
+
+    Raises:
+        ValueError: the sequence does not follow this pattern.
+    """
+    probe = type(inner_optimizer).from_config(inner_optimizer.get_config())
+    before = len(probe.variables)
+    probe.build(probe_variables)
+    sequence = []
+    refs = [v.path.replace("/", "_") + "_" for v in probe_variables]
+    for var in probe.variables[before:]:
+        owner = next((i for i, r in enumerate(refs) if var.name.startswith(r)), None)
+        if owner is None:
+            raise ValueError(f"cannot place optimizer variable {var.name}")
+        sequence.append((owner, var.name[len(refs[owner]):]))
+    groups, i = [], 0
+    while i < len(sequence):
+        names = []
+        while i < len(sequence) and sequence[i][0] == 0:
+            names.append(sequence[i][1])
+            i += 1
+        second = [n for _, n in sequence[i:i + len(names)]]
+        if not names or second != names or any(o != 1 for o, _ in sequence[i:i + len(names)]):
+            raise ValueError(
+                f"{type(inner_optimizer).__name__} creates its slots in an order "
+                "tf_zero cannot reproduce for checkpoints.")
+        i += len(names)
+        groups.append(names)
+    return groups
+
+
+class CheckpointList(_private.Trackable):
+    """A list whose items are checkpoint dependencies named "0", "1", ...
+
+    Appending an item resolves any restore that was waiting for that name,
+    so a checkpoint read before the optimizer was built lands on build.
+    """
+
+    def __init__(self, items=()):
+        self._items = []
+        for item in items:
+            self.append(item)
+
+    def append(self, item):
+        self._items.append(item)
+        self._track_trackable(item, name=str(len(self._items) - 1), overwrite=True)
+
+    def __setitem__(self, index, item):
+        self._items[index] = item
+        self._track_trackable(item, name=str(index), overwrite=True)
+
+    def __getitem__(self, index):
+        return self._items[index]
+
+    def __len__(self):
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        return {str(i): item for i, item in enumerate(self._items)}
+
+
+def as_numpy(item):
+    return np.asarray(item.numpy())
