@@ -1,5 +1,6 @@
 """tf_zero: ZeRO-style sharded data parallelism for TensorFlow and Keras 3."""
 
+from tf_zero.accumulation import GradientAccumulationOptimizer
 from tf_zero.config import ZeroConfig
 from tf_zero.memory import MemoryReport, ReplicaMemory, memory_report
 from tf_zero.optimizer import ZeroOptimizer
@@ -9,6 +10,7 @@ from tf_zero.strategy import ZeroStrategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradientAccumulationOptimizer",
     "MemoryReport",
     "ReplicaMemory",
     "ShardPlan",

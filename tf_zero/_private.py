@@ -304,3 +304,21 @@ def strategy_of(variables):
         if isinstance(var, _values.DistributedVariable):
             return var._distribute_strategy
     return None
+
+
+# Keras' LossScaleOptimizer decides on overflow from replica 0's unreduced
+# gradients. When its inner optimizer is a sharded ZeroOptimizer, the inner
+# optimizer's `_apply_scaled` runs the whole step instead (see loss_scale.py).
+from keras.src.optimizers import loss_scale_optimizer as _keras_lso  # noqa: E402
+
+_keras_lso_tf_apply = _keras_lso.LossScaleOptimizer._tf_apply
+
+
+def _lso_tf_apply(self, grads, trainable_variables=None):
+    handler = getattr(self.inner_optimizer, "_apply_scaled", None)
+    if handler is not None and handler(self, grads, trainable_variables):
+        return None
+    return _keras_lso_tf_apply(self, grads, trainable_variables)
+
+
+_keras_lso.LossScaleOptimizer._tf_apply = _lso_tf_apply

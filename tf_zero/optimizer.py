@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, collectives, sharded_state
+from tf_zero import _private, collectives, loss_scale, sharded_state
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
 from tf_zero.plan import ShardPlan, plan_shards
 
@@ -68,7 +68,16 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     """
 
     def __init__(self, inner_optimizer, *, stage=None, bucket_size_bytes=None,
-                 name=None, **kwargs):
+                 reduce_dtype=None, accumulation_steps=1, name=None, **kwargs):
+        if type(inner_optimizer).__name__ == "GradientAccumulationOptimizer" and isinstance(
+                inner_optimizer, ZeroOptimizer):
+            # ZeroOptimizer(GradientAccumulationOptimizer(opt, k)) is the same
+            # optimizer as GradientAccumulationOptimizer(ZeroOptimizer(opt), k).
+            stage = stage or inner_optimizer._requested_stage
+            bucket_size_bytes = bucket_size_bytes or inner_optimizer._requested_bucket_size
+            reduce_dtype = reduce_dtype or inner_optimizer._requested_reduce_dtype
+            accumulation_steps = inner_optimizer._accumulation_steps
+            inner_optimizer = inner_optimizer.inner_optimizer
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "ZeroOptimizer wraps a Keras optimizer instance, e.g. "
@@ -93,10 +102,20 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             ZeroConfig(stage=stage)  # validates
         if bucket_size_bytes is not None:
             ZeroConfig(bucket_size_bytes=bucket_size_bytes)
+        if reduce_dtype is not None:
+            ZeroConfig(reduce_dtype=reduce_dtype)
+        if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int)
+                or accumulation_steps < 1):
+            raise ValueError(
+                f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
         super().__init__(learning_rate=0.0, name=name or f"zero_{inner_optimizer.name}")
         self._inner = inner_optimizer
         self._requested_stage = stage
         self._requested_bucket_size = bucket_size_bytes
+        self._requested_reduce_dtype = reduce_dtype
+        self._accumulation_steps = accumulation_steps
+        self._gradient_buffers = []
+        self._micro_step = None
         self._zero_config = None
         self._plan = None
         self._model_variables = []
@@ -132,6 +151,14 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
+        """The plain inner optimizer's variables, sharded slots as full views.
+
+        Once built, this is what a checkpoint holds: the inner optimizer's
+        iterations and learning rate, then each slot of each model variable
+        as an unsharded view (which supports `numpy()`, `assign()`, `shape`).
+        """
+        if self.built and len(self._checkpoint_items):
+            return list(self._checkpoint_items)
         return self._variables + self._inner.variables
 
     @property
@@ -154,12 +181,14 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
 
     @property
     def gradient_buffers(self):
-        """Gradient buffers kept between steps (none without accumulation)."""
-        return []
+        """Gradient buffers kept between steps (accumulators; none if k=1)."""
+        return list(self._gradient_buffers)
 
     def unsharded_gradient_buffer_bytes(self) -> int:
-        """Bytes of gradient buffers an unsharded optimizer would keep."""
-        return 0
+        """Bytes of accumulators an unsharded optimizer keeps per replica."""
+        if self._accumulation_steps <= 1 or self._plan is None:
+            return 0
+        return sum(b.size * tf.as_dtype(b.dtype).size for b in self._plan.buckets)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
@@ -174,7 +203,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         stage = self._requested_stage or (base.stage if base else 1)
         bucket = self._requested_bucket_size or (
             base.bucket_size_bytes if base else DEFAULT_BUCKET_SIZE_BYTES)
-        reduce_dtype = base.reduce_dtype if base else None
+        reduce_dtype = self._requested_reduce_dtype or (base.reduce_dtype if base else None)
         return ZeroConfig(stage=stage, bucket_size_bytes=bucket,
                           reduce_dtype=reduce_dtype)
 
@@ -198,6 +227,9 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 self._checkpoint_items.append(v)
             for v in getattr(self._inner, "_trainable_variables", var_list):
                 self._checkpoint_model_variables.append(v)
+            self._model_variables = [v for v in var_list if v.trainable
+                                     and keras.backend.is_float_dtype(v.dtype)]
+            _accumulation().build_buffers(self)
             super().build(var_list)
             self._apply_pending_load()
             return
@@ -244,6 +276,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         for v in model_vars:
             self._checkpoint_model_variables.append(v)
         self._add_unsharded_slots()
+        with tf.variable_creator_scope(_per_replica_creator):
+            _accumulation().build_buffers(self)
         super().build(var_list)
         self._apply_pending_load()
 
@@ -346,6 +380,9 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     # ---- step -------------------------------------------------------------
 
     def apply(self, grads, trainable_variables=None):
+        return self._apply(grads, trainable_variables, loss_scaler=None)
+
+    def _apply(self, grads, trainable_variables, loss_scaler):
         grads = list(grads)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
@@ -360,6 +397,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                         "call optimizer.build(model.trainable_variables) under "
                         "strategy.scope() (model.fit does this for you).")
         if not self._sharded:
+            if self._accumulation_steps > 1:
+                return _accumulation().apply_unsharded(self, grads, trainable_variables)
             return self._inner.apply(grads, trainable_variables)
         if trainable_variables is None:
             trainable_variables = self._model_variables
@@ -375,9 +414,23 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 f"got {len(grads)} gradients for {len(trainable_variables)} variables")
         with keras.name_scope(self.name, caller=self):
-            self._sharded_apply(grads, trainable_variables)
+            self._sharded_apply(grads, trainable_variables, loss_scaler)
 
-    def _sharded_apply(self, grads, variables):
+    def _apply_scaled(self, loss_scale_optimizer, grads, trainable_variables):
+        """Called by a wrapping `LossScaleOptimizer`; False: let it handle it.
+
+        The overflow check runs on the reduced gradient shards and is agreed
+        by all replicas through the statistics all-reduce, so an overflow on
+        any replica makes every replica skip the step and lower the scale.
+        """
+        if self.built and not self._sharded:
+            return False
+        if not self.built and not tf.distribute.has_strategy():
+            return False
+        self._apply(grads, trainable_variables, loss_scaler=loss_scale_optimizer)
+        return True
+
+    def _sharded_apply(self, grads, variables, loss_scaler):
         index_of = {id(v): i for i, v in enumerate(self._model_variables)}
         plan_grads = [None] * len(self._model_variables)
         for g, v in zip(grads, variables):
@@ -391,22 +444,50 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                     "(optimizer.build(model.trainable_variables)) before training.")
             plan_grads[i] = g
         missing = {i for i, g in enumerate(plan_grads) if g is None}
+        if self._accumulation_steps > 1:
+            _accumulation().apply_sharded(self, plan_grads, missing, loss_scaler)
+            return
+        shard_grads = [self._reduce_scatter_bucket(b, plan_grads) for b in self._plan.buckets]
+        self._update_from_shards(shard_grads, missing, loss_scaler)
+
+    def _update_from_shards(self, shard_grads, missing, loss_scaler, divisor=None):
+        """Statistics, clipping, the inner update of the shards, all-gather."""
         rank = collectives.rank()
+        if divisor is not None:
+            shard_grads = [g / tf.cast(divisor, g.dtype) for g in shard_grads]
+        if loss_scaler is not None:
+            scale = loss_scaler.dynamic_scale
+            shard_grads = [g / tf.cast(scale, g.dtype) for g in shard_grads]
+        stats = self._statistics(shard_grads, rank, check_finite=loss_scaler is not None)
+        shard_grads = self._clip(shard_grads, rank, stats)
+        for bucket, shard_var in zip(self._plan.buckets, self._shard_variables):
+            _private.local_component(shard_var).assign(
+                self._read_weight_shard(bucket, bucket.shard_pieces(rank)))
+
+        def update():
+            self._update_shards(shard_grads, missing, rank)
+            if loss_scaler is not None:
+                loss_scale.after_finite_step(loss_scaler)
+            return tf.constant(True)
+
+        if loss_scaler is None:
+            update()
+        else:
+            def skip():
+                loss_scale.after_overflow(loss_scaler)
+                return tf.constant(False)
+            # Identical on every replica (all-reduced), so every replica takes
+            # the same branch; neither branch communicates.
+            tf.cond(stats["finite"], update, skip)
+        self._all_gather_into_model(missing)
+
+    def _update_shards(self, shard_grads, missing, rank):
         inner = self._inner
-
-        shard_grads = []
-        for bucket in self._plan.buckets:
-            shard_grads.append(self._reduce_scatter_bucket(bucket, plan_grads))
-
-        shard_grads = self._clip(shard_grads, rank, missing)
         lr = inner.learning_rate
-
         update_grads, update_vars, restore = [], [], []
         for bucket, shard_var, grad in zip(self._plan.buckets, self._shard_variables,
                                            shard_grads):
             pieces = bucket.shard_pieces(rank)
-            local_shard = _private.local_component(shard_var)
-            local_shard.assign(self._read_weight_shard(bucket, pieces))
             frozen = [p for p in pieces if p.variable in missing]
             if frozen and len(frozen) == len(pieces):
                 continue
@@ -429,24 +510,27 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 comp.assign(tf.where(keep, old, comp.read_value()))
         _private.local_component(inner.iterations).assign_add(1)
 
-        self._all_gather_into_model(missing)
-
     def _reduce_scatter_bucket(self, bucket, plan_grads):
+        return self._reduce_scatter_flat(self._flat_bucket(bucket, plan_grads))
+
+    def _flat_bucket(self, bucket, plan_grads):
+        """This replica's local gradients of one bucket, flat and padded."""
         parts = []
         for seg in bucket.segments:
             g = plan_grads[seg.variable]
             if g is None:
                 parts.append(tf.zeros([seg.size], bucket.dtype))
             else:
-                parts.append(_flat(_dense(g))[seg.start:seg.start + seg.size])
+                parts.append(tf.cast(_flat(_dense(g))[seg.start:seg.start + seg.size],
+                                     bucket.dtype))
         if bucket.padding:
             parts.append(tf.zeros([bucket.padding], bucket.dtype))
-        flat = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
-        flat = tf.cast(flat, bucket.dtype)
+        return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    def _reduce_scatter_flat(self, flat):
         reduce_dtype = self._zero_config.reduce_dtype
-        if reduce_dtype and reduce_dtype != bucket.dtype:
-            return tf.cast(collectives.reduce_scatter(tf.cast(flat, reduce_dtype)),
-                           bucket.dtype)
+        if reduce_dtype and tf.as_dtype(reduce_dtype) != flat.dtype:
+            return tf.cast(collectives.reduce_scatter(tf.cast(flat, reduce_dtype)), flat.dtype)
         return collectives.reduce_scatter(flat)
 
     def _read_weight_shard(self, bucket, pieces):
@@ -489,16 +573,49 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                     mask[p.offset:p.offset + p.size] = 1
             local.assign_sub(local.read_value() * wd * lr * tf.constant(mask))
 
-    def _clip(self, shard_grads, rank, missing):
+    def _statistics(self, shard_grads, rank, check_finite):
+        """Replica-wide gradient statistics from one small all-reduce.
+
+        Returns a dict with "finite" (no inf/nan in any replica's shard),
+        "norms" (per-variable norms, for clipnorm) and "global_norm".
+        """
         inner = self._inner
-        if inner.clipnorm and inner.clipnorm > 0:
-            n_vars = len(self._model_variables)
+        per_variable = bool(inner.clipnorm and inner.clipnorm > 0)
+        global_norm = bool(inner.global_clipnorm and inner.global_clipnorm > 0)
+        if not (check_finite or per_variable or global_norm):
+            return {}
+        entries = []
+        if check_finite:
+            bad = [tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32))
+                   for g in shard_grads]
+            entries.append(tf.add_n(bad) if bad else tf.zeros([]))
+        n_vars = len(self._model_variables)
+        if per_variable:
             sq = [tf.zeros([], tf.float32) for _ in range(n_vars)]
             for bucket, g in zip(self._plan.buckets, shard_grads):
                 for p in bucket.shard_pieces(rank):
                     piece = tf.cast(g[p.offset:p.offset + p.size], tf.float32)
                     sq[p.variable] = sq[p.variable] + tf.reduce_sum(tf.square(piece))
-            sq = collectives.all_reduce_sum(tf.stack(sq))
+            entries.extend(sq)
+        elif global_norm:
+            sq = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in shard_grads]
+            entries.append(tf.add_n(sq) if sq else tf.zeros([]))
+        totals = collectives.all_reduce_sum(tf.stack(entries))
+        stats, i = {}, 0
+        if check_finite:
+            stats["finite"] = tf.equal(totals[0], 0.0)
+            i = 1
+        if per_variable:
+            stats["sq_norms"] = totals[i:i + n_vars]
+        elif global_norm:
+            stats["global_norm"] = tf.sqrt(totals[i])
+        return stats
+
+    def _clip(self, shard_grads, rank, stats):
+        """Keras' clipping semantics, applied to the reduced gradient."""
+        inner = self._inner
+        if "sq_norms" in stats:
+            sq = stats["sq_norms"]
             clipnorm = tf.constant(inner.clipnorm, tf.float32)
             # Keras' clip_by_norm, on the reduced per-variable norm.
             norms = tf.where(sq > 0, tf.sqrt(tf.where(sq > 0, sq, tf.ones_like(sq))), sq)
@@ -515,12 +632,10 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                     parts.append(g[covered:])
                 clipped.append(tf.concat(parts, 0) if len(parts) > 1 else parts[0])
             return clipped
-        if inner.global_clipnorm and inner.global_clipnorm > 0:
-            local_sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
-                                 for g in shard_grads]) if shard_grads else tf.zeros([])
-            total_sq = collectives.all_reduce_sum(tf.reshape(local_sq, [1]))[0]
-            use_norm = tf.sqrt(total_sq)
+        if "global_norm" in stats:
+            use_norm = stats["global_norm"]
             clip = tf.constant(inner.global_clipnorm, tf.float32)
+            # Keras' clip_by_global_norm: NaN scale for a non-finite norm.
             scale_for_finite = clip * tf.minimum(1.0 / use_norm, 1.0 / clip)
             scale = scale_for_finite + (use_norm - use_norm)
             return [g * tf.cast(scale, g.dtype) for g in shard_grads]
@@ -555,6 +670,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             "inner_optimizer": keras.saving.serialize_keras_object(self._inner),
             "stage": self._requested_stage,
             "bucket_size_bytes": self._requested_bucket_size,
+            "reduce_dtype": self._requested_reduce_dtype,
+            "accumulation_steps": self._accumulation_steps,
         }
 
     @classmethod
@@ -563,6 +680,14 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         inner = keras.saving.deserialize_keras_object(
             config.pop("inner_optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _accumulation():
+    # accumulation.py defines a ZeroOptimizer subclass, so it imports this
+    # module; this one reaches it lazily.
+    from tf_zero import accumulation
+
+    return accumulation
 
 
 def _check_supported(inner):
@@ -581,9 +706,10 @@ def _check_supported(inner):
             "keep an EMA in a callback.")
     if inner.gradient_accumulation_steps:
         raise ValueError(
-            "Keras' gradient_accumulation_steps does not work under tf_zero "
-            "sharding (it also fails under MirroredStrategy, keras-team/keras#20582). "
-            "Remove it from the inner optimizer.")
+            "Keras' gradient_accumulation_steps is not supported inside "
+            "ZeroOptimizer (it also fails under MirroredStrategy, "
+            "keras-team/keras#20582). Use tf_zero.GradientAccumulationOptimizer("
+            "inner, steps=k) instead, and remove it from the inner optimizer.")
 
 
 # Optimizers whose build() initializes a slot from the variable's value; the
