@@ -1,8 +1,8 @@
-"""A worker of the multi-worker tests (started by tests, not collected).
+"""Plain Keras model.fit under MultiWorkerMirroredStrategy (a test's worker).
 
-Usage: python multi_worker_job.py MODE OUT_DIR DEVICES_PER_WORKER
-MODE is `zero` (ZeroStrategy, ZeroOptimizer) or `plain` (Keras with a plain
-MultiWorkerMirroredStrategy).
+Usage: python multi_worker_job.py plain OUT_DIR DEVICES_PER_WORKER
+Documents keras-team/keras#20585; tf_zero's own multi-worker runs use
+examples/multi_worker.py through tf_zero.launch (tests/test_launch.py).
 """
 
 import json

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
+
+DEVICES_ENV = "TF_ZERO_DEVICES_PER_WORKER"
 
 
 def _default_local_devices():
@@ -42,7 +46,8 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
         communication_options: `tf.distribute.experimental.CommunicationOptions`
             (e.g. `timeout_seconds` to turn a dead worker into an error).
         devices_per_worker: in multi-worker runs without GPUs, the number of
-            logical CPU devices each worker uses as replicas.
+            logical CPU devices each worker uses as replicas (default: the
+            `TF_ZERO_DEVICES_PER_WORKER` variable that `tf_zero.launch` sets).
 
     Raises:
         ValueError: both `devices` and a multi-worker cluster are given, or an
@@ -71,6 +76,8 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
                 "ZeroStrategy got both `devices` and a multi-worker cluster "
                 "(TF_CONFIG or cluster_resolver). Pass `devices_per_worker` "
                 "for multi-worker runs, or unset TF_CONFIG to use `devices`.")
+        if devices_per_worker is None and os.environ.get(DEVICES_ENV):
+            devices_per_worker = int(os.environ[DEVICES_ENV])  # set by tf_zero.launch
         if devices_per_worker is not None and (
                 not isinstance(devices_per_worker, int) or devices_per_worker < 1):
             raise ValueError(

@@ -1,0 +1,146 @@
+"""Multi-worker runs: the launcher, parity with one process, a killed worker."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from conftest import zero_strategy
+from worker_procs import run_workers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "multi_worker.py")
+sys.path.insert(0, os.path.dirname(EXAMPLE))
+import multi_worker as example  # noqa: E402  (examples/multi_worker.py)
+
+CONFIGS = ["sgd:1", "sgd:2", "adam:1", "adam:2", "adam:2:2", "adam:1:1:f16"]
+
+
+def launch(args, timeout=300):
+    """Runs the launcher; returns (status, output, worker pids)."""
+    proc = subprocess.run([sys.executable, "-m", "tf_zero.launch", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(HERE))
+    pids = [int(p) for p in re.findall(r"\[launch\] worker \d+: pid (\d+)", proc.stdout)]
+    return proc.returncode, proc.stdout + proc.stderr, pids
+
+
+def assert_all_stopped(pids):
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def one_process(config, epochs):
+    """The same training in this process: 1 worker x 4 replicas."""
+    model = example.build(zero_strategy(4), example.parse_config(config))
+    try:
+        model.fit(example.make_dataset(), epochs=epochs, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return model.get_weights()
+
+
+def load(out, config, worker):
+    data = np.load(os.path.join(out, f"{config.replace(':', '_')}.worker{worker}.npz"))
+    return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+def test_two_workers_match_one_process(tmp_path):
+    """2 workers x 2 logical CPUs reach one process's weights (4 replicas)."""
+    start = time.monotonic()
+    status, out, pids = launch(["--workers", "2", "--devices-per-worker", "2", "--timeout", "280",
+                                EXAMPLE, "--epochs", "2", "--out", str(tmp_path),
+                                "--configs", *CONFIGS])
+    assert status == 0, out[-4000:]
+    assert "[worker 1] worker 1: 4 replicas in sync" in out
+    assert_all_stopped(pids)
+    print(f"2x2 multi-worker run of {len(CONFIGS)} configs: {time.monotonic() - start:.1f}s")
+    for config in CONFIGS:
+        w0, w1 = load(tmp_path, config, 0), load(tmp_path, config, 1)
+        reference = one_process(config, epochs=2)
+        for a, b, ref in zip(w0, w1, reference):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, ref, atol=1e-6, err_msg=config)
+
+
+def test_killed_worker_resumes_from_backup(tmp_path):
+    backup, out = tmp_path / "backup", tmp_path / "out"
+    common = ["--workers", "2", "--devices-per-worker", "2", "--timeout", "200", EXAMPLE,
+              "--epochs", "3", "--configs", "adam:2", "--backup", str(backup)]
+    status, log, pids = launch(common + ["--crash-worker", "1", "--crash-epoch", "2"])
+    assert status == 137, log[-3000:]  # SIGKILL
+    assert "worker 1 exited with status -9" in log
+    assert_all_stopped(pids)
+    saved = sorted(os.listdir(backup / "adam_2"))
+    assert saved == ["backup-000002.weights.h5", "latest.json"]  # nothing half-written
+
+    status, log, pids = launch(common + ["--out", str(out)])
+    assert status == 0, log[-3000:]
+    assert_all_stopped(pids)
+    reference = one_process("adam:2", epochs=3)
+    for a, ref in zip(load(out, "adam:2", 0), reference):
+        np.testing.assert_allclose(a, ref, atol=1e-6)
+    assert not os.path.exists(backup / "adam_2")  # removed after success
+
+
+def test_dead_peer_becomes_an_error_within_the_timeout():
+    """Without the launcher, a dead worker turns into a collective timeout."""
+    start = time.monotonic()
+    codes, outs = run_workers([EXAMPLE, "--crash-worker", "1", "--crash-epoch", "1",
+                               "--timeout", "10", "--epochs", "3"], 2, timeout=150,
+                              env={"TF_ZERO_DEVICES_PER_WORKER": "1"})
+    assert codes[1] == -9
+    assert codes[0] != 0 and "DeadlineExceededError" in outs[0]
+    assert time.monotonic() - start < 120
+
+
+def _script(tmp_path, body):
+    path = tmp_path / "job.py"
+    path.write_text(body)
+    return str(path)
+
+
+def test_launcher_sets_tf_config_and_prefixes_output(tmp_path):
+    script = _script(tmp_path, "import json, os\n"
+                     "c = json.loads(os.environ['TF_CONFIG'])\n"
+                     "print('task', c['task']['index'], 'of', len(c['cluster']['worker']),"
+                     " os.environ['TF_ZERO_DEVICES_PER_WORKER'])\n")
+    status, out, pids = launch(["--workers", "3", "--devices-per-worker", "2", script])
+    assert status == 0
+    for i in range(3):
+        assert f"[worker {i}] task {i} of 3 2" in out
+    assert_all_stopped(pids)
+
+
+def test_launcher_stops_everyone_when_one_worker_fails(tmp_path):
+    script = _script(tmp_path, "import json, os, sys, time\n"
+                     "if json.loads(os.environ['TF_CONFIG'])['task']['index'] == 1:\n"
+                     "    sys.exit(3)\n"
+                     "time.sleep(600)\n")
+    start = time.monotonic()
+    status, out, pids = launch(["--workers", "2", script])
+    assert status == 3
+    assert "worker 1 exited with status 3" in out
+    assert time.monotonic() - start < 30
+    assert_all_stopped(pids)
+
+
+def test_launcher_timeout(tmp_path):
+    script = _script(tmp_path, "import time\ntime.sleep(600)\n")
+    status, out, pids = launch(["--workers", "2", "--timeout", "2", script])
+    assert status == 124 and "timeout" in out
+    assert_all_stopped(pids)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--workers", "0", "x.py"], "at least 1"),
+    (["--workers", "2", "does_not_exist.py"], "no such script"),
+])
+def test_launcher_bad_arguments(args, match):
+    status, out, _ = launch(args)
+    assert status == 2 and match in out

@@ -1,0 +1,181 @@
+"""Local multi-worker launcher: `python -m tf_zero.launch --workers N script.py ...`.
+
+Starts N worker processes of `script.py` on 127.0.0.1, each with its own
+`TF_CONFIG` (free loopback ports, or `--port-base P`), streams their output
+prefixed with `[worker i]`, and stops every worker as soon as one fails or
+the `--timeout` expires. It exits with 0 when all workers succeed, with the
+failing worker's status otherwise (124 on timeout), and never leaves a worker
+process behind.
+
+`--devices-per-worker K` gives each worker K logical CPU devices (when it
+has no GPU) and tells `ZeroStrategy` to use them as K replicas, so 2 workers
+x 2 devices train on 4 replicas on one CPU machine.
+
+Real clusters do not need this: they set `TF_CONFIG` on every host
+themselves, or pass a cluster resolver (`SlurmClusterResolver`,
+`KubernetesClusterResolver`) to `ZeroStrategy(cluster_resolver=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+DEVICES_ENV = "TF_ZERO_DEVICES_PER_WORKER"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def worker_environments(num_workers, ports, devices_per_worker=None, base_env=None):
+    """One environment per worker with its TF_CONFIG."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    envs = []
+    for i in range(num_workers):
+        env = dict(os.environ if base_env is None else base_env)
+        env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        if devices_per_worker:
+            env[DEVICES_ENV] = str(devices_per_worker)
+        envs.append(env)
+    return envs
+
+
+def _stream(prefix, pipe, sink, lock):
+    for line in iter(pipe.readline, ""):
+        with lock:
+            sink.write(f"{prefix} {line}")
+            sink.flush()
+    pipe.close()
+
+
+def _stop(procs, grace=5.0):
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
+           timeout=None, out=None) -> int:
+    """Runs `script` as `workers` local workers; returns the job's exit status."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if devices_per_worker is not None and devices_per_worker < 1:
+        raise ValueError(f"--devices-per-worker must be at least 1, got {devices_per_worker}")
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"no such script: {script}")
+    out = out or sys.stdout
+    ports = (list(range(port_base, port_base + workers)) if port_base
+             else free_ports(workers))
+    envs = worker_environments(workers, ports, devices_per_worker)
+    lock = threading.Lock()
+    procs, threads = [], []
+    try:
+        for i, env in enumerate(envs):
+            cmd = [sys.executable, "-m", "tf_zero.launch", "--_bootstrap", script, *args]
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, bufsize=1, start_new_session=True)
+            procs.append(p)
+            with lock:
+                out.write(f"[launch] worker {i}: pid {p.pid}, port {ports[i]}\n")
+                out.flush()
+            t = threading.Thread(target=_stream, args=(f"[worker {i}]", p.stdout, out, lock),
+                                 daemon=True)
+            t.start()
+            threads.append(t)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                with lock:
+                    out.write(f"[launch] worker {i} exited with status {code}; "
+                              "stopping the other workers\n")
+                return code if code > 0 else 128 - code
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                running = [i for i, c in enumerate(codes) if c is None]
+                with lock:
+                    out.write(f"[launch] timeout after {timeout}s; workers {running} "
+                              "still running; stopping them\n")
+                return 124
+            time.sleep(0.1)
+    finally:
+        _stop(procs)
+        for t in threads:
+            t.join(timeout=2)
+
+
+def _bootstrap(script, args):
+    """Inside a worker: set up logical CPU devices, then run the script."""
+    k = os.environ.get(DEVICES_ENV)
+    if k:
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * int(k))
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_bootstrap"]:
+        return _bootstrap(argv[1], argv[2:])
+    parser = argparse.ArgumentParser(
+        prog="python -m tf_zero.launch",
+        description="Run a training script as N local TF_CONFIG workers.")
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--devices-per-worker", type=int, default=None)
+    parser.add_argument("--port-base", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds before every worker is stopped (exit 124)")
+    parser.add_argument("script")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    try:
+        return launch(ns.script, ns.args, workers=ns.workers,
+                      devices_per_worker=ns.devices_per_worker,
+                      port_base=ns.port_base, timeout=ns.timeout)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
