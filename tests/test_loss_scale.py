@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import (assert_replicas_identical, max_weight_diff, mirrored_strategy,
                       regression_data, zero_strategy)
 
