@@ -74,3 +74,49 @@ def run_child(args):
     out = subprocess.run([sys.executable] + args, check=True, capture_output=True,
                          text=True).stdout.strip().splitlines()
     return out[-1]
+
+
+def bar_plot(path, values, ylabel, title):
+    """Writes a bar chart (needs matplotlib: pip install -e '.[bench]')."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; no plot written to {path} "
+              "(pip install -e '.[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(list(values), list(values.values()), color=["#888", "#48c", "#26a", "#048"][:len(values)])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
+def line_plot(path, series, xlabel, ylabel, title):
+    """series: {label: [(x, y), ...]} -> PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; no plot written to {path} "
+              "(pip install -e '.[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot written to {path}")

@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--modes", nargs="+", default=list(_common.MODES))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--plot", default=None, help="write a PNG (slots per replica vs N)")
     parser.add_argument("--child", nargs=2)
     args = parser.parse_args()
     if args.child:
@@ -51,6 +52,7 @@ def main():
     mib = 2 ** 20
     print(f"{'N':>3} {'mode':>9} {'params':>11} {'weights':>9} {'w-shards':>9} "
           f"{'slots':>9} {'grad-buf':>9} {'peak RSS':>9}   (MiB per replica; RSS per process)")
+    series = {}
     for n in args.replicas:
         base = None
         for mode in args.modes:
@@ -64,6 +66,11 @@ def main():
                   f"{r['grad_buffers'] / mib:>9.1f} {r['peak_rss_mib']:>9.0f}"
                   f"   slots x{r['slots'] / base['slots']:.3f}"
                   f"  RSS x{r['peak_rss_mib'] / base['peak_rss_mib']:.3f}", flush=True)
+            series.setdefault(mode, []).append(
+                (n, (r["weights"] + r["weight_shards"] + r["slots"] + r["grad_buffers"]) / mib))
+    if args.plot:
+        _common.line_plot(args.plot, series, "replicas (N)", "MiB of model state per replica",
+                          "persistent weights + shards + slots, Adam")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-per-replica", type=int, default=32)
+    parser.add_argument("--plot", default=None, help="write a PNG of the step-time ratios")
     args = parser.parse_args()
     devices = _common.configure_cpus(args.replicas)
     import keras
@@ -60,9 +61,14 @@ def main():
     print(f"{params:,} parameters, Adam, {args.replicas} replicas, global batch {batch}, "
           f"{len(runs['mirrored'][1].times)} timed steps each")
     base = statistics.median(runs["mirrored"][1].times)
+    ratios = {}
     for mode, (_, timer) in runs.items():
         med = statistics.median(timer.times)
+        ratios[mode] = med / base
         print(f"{mode:>9}: median step {med * 1000:8.2f} ms   x{med / base:.3f} of mirrored")
+    if args.plot:
+        _common.bar_plot(args.plot, ratios, "median step / MirroredStrategy",
+                         f"{params:,} params, N={args.replicas}")
 
 
 if __name__ == "__main__":

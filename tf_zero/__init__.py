@@ -2,6 +2,7 @@
 
 from tf_zero.accumulation import GradientAccumulationOptimizer
 from tf_zero.config import ZeroConfig
+from tf_zero.estimate import MemoryEstimate, estimate_memory
 from tf_zero.memory import MemoryReport, ReplicaMemory, memory_report
 from tf_zero.optimizer import ZeroOptimizer
 from tf_zero.plan import ShardPlan, plan_shards
@@ -11,12 +12,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradientAccumulationOptimizer",
+    "MemoryEstimate",
     "MemoryReport",
     "ReplicaMemory",
     "ShardPlan",
     "ZeroConfig",
     "ZeroOptimizer",
     "ZeroStrategy",
+    "estimate_memory",
     "memory_report",
     "plan_shards",
 ]

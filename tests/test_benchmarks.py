@@ -1,0 +1,37 @@
+"""Quick modes of the benchmark scripts run and print their tables (no timing asserts)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_memory_quick(tmp_path):
+    out = run("memory.py", "--params", "2e5", "--replicas", "2", "--modes", "mirrored",
+              "stage2", "--steps", "1", "--plot", str(tmp_path / "m.png"))
+    lines = [line for line in out.splitlines() if "stage2" in line]
+    assert lines and "slots x0.500" in lines[0]
+
+
+def test_step_time_quick(tmp_path):
+    out = run("step_time.py", "--params", "1e5", "--replicas", "2", "--epochs", "2",
+              "--steps", "3", "--plot", str(tmp_path / "s.png"))
+    assert "stage2: median step" in out and "of mirrored" in out
+
+
+@pytest.mark.parametrize("mode", ["stage2"])
+def test_max_model_quick(mode):
+    out = run("max_model.py", "--budget-gib", "6", "--replicas", "2", "--steps", "0",
+              "--start", "64", "--max-width", "128", "--modes", mode)
+    assert f"{mode}: width 128" in out
