@@ -76,8 +76,8 @@ def run_child(args):
     return out[-1]
 
 
-def bar_plot(path, values, ylabel, title):
-    """Writes a bar chart (needs matplotlib: pip install -e '.[bench]')."""
+def _pyplot(path):
+    """matplotlib's pyplot (Agg), or None with a note (pip install -e '.[bench]')."""
     try:
         import matplotlib
 
@@ -86,9 +86,11 @@ def bar_plot(path, values, ylabel, title):
     except ImportError:
         print(f"matplotlib is not installed; no plot written to {path} "
               "(pip install -e '.[bench]')")
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(list(values), list(values.values()), color=["#888", "#48c", "#26a", "#048"][:len(values)])
+        return None
+    return plt
+
+
+def _save(plt, fig, ax, path, ylabel, title):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -97,26 +99,25 @@ def bar_plot(path, values, ylabel, title):
     print(f"plot written to {path}")
 
 
-def line_plot(path, series, xlabel, ylabel, title):
-    """series: {label: [(x, y), ...]} -> PNG (needs matplotlib)."""
-    try:
-        import matplotlib
+def bar_plot(path, values, ylabel, title):
+    """Writes a bar chart of {label: value}."""
+    plt = _pyplot(path)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(list(values), list(values.values()), color=["#888", "#48c", "#26a", "#048"][:len(values)])
+    _save(plt, fig, ax, path, ylabel, title)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; no plot written to {path} "
-              "(pip install -e '.[bench]')")
+
+def line_plot(path, series, xlabel, ylabel, title):
+    """Writes lines of {label: [(x, y), ...]}."""
+    plt = _pyplot(path)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for label, points in series.items():
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"plot written to {path}")
+    _save(plt, fig, ax, path, ylabel, title)

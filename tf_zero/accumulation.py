@@ -121,77 +121,63 @@ def build_buffers(optimizer) -> None:
     optimizer._gradient_buffers = buffers
 
 
-def _is_last_micro_step(optimizer):
+def _window_step(optimizer, buffers, contributions, finish) -> None:
+    """Adds `contributions` to `buffers`; every k-th call `finish`es instead.
+
+    `finish` receives buffer + contribution sums (the buffers are emptied).
+    The predicate comes from a counter every replica advances alike, so all
+    replicas take the same branch and launch the same collectives.
+    """
     counter = _private.local_component(optimizer._micro_step)
     step = counter.read_value()
-    return counter, tf.equal((step + 1) % optimizer._accumulation_steps, 0)
+    is_last = tf.equal((step + 1) % optimizer._accumulation_steps, 0)
+
+    def last():
+        sums = [buf.read_value() + c for buf, c in zip(buffers, contributions)]
+        for buf in buffers:
+            buf.assign(tf.zeros_like(buf))
+        finish(sums)
+        return tf.constant(0)
+
+    def accumulate():
+        for buf, c in zip(buffers, contributions):
+            buf.assign_add(c)
+        return tf.constant(0)
+
+    tf.cond(is_last, last, accumulate)
+    counter.assign_add(1)
 
 
 def apply_sharded(optimizer, plan_grads, missing, loss_scaler) -> None:
     """One micro-step of the sharded optimizer (replica context)."""
-    counter, is_last = _is_last_micro_step(optimizer)
     buckets = optimizer.plan.buckets
     buffers = [_private.local_component(b) for b in optimizer._gradient_buffers]
-    k = optimizer._accumulation_steps
-
     if optimizer.zero_config.stage == 1:
-        flats = [optimizer._flat_bucket(b, plan_grads) for b in buckets]
+        # Local full-size sums; the window's only reduce-scatter is at its end.
+        contributions = [optimizer._flat_bucket(b, plan_grads) for b in buckets]
 
-        def last():
-            shards = [optimizer._reduce_scatter_flat(buf.read_value() + flat)
-                      for buf, flat in zip(buffers, flats)]
-            for buf in buffers:
-                buf.assign(tf.zeros_like(buf))
-            optimizer._update_from_shards(shards, missing, loss_scaler, divisor=k)
-            return tf.constant(0)
-
-        def accumulate():
-            for buf, flat in zip(buffers, flats):
-                buf.assign_add(flat)
-            return tf.constant(0)
+        def to_shards(sums):
+            return [optimizer._reduce_scatter_flat(s) for s in sums]
     else:
-        shards_now = [optimizer._reduce_scatter_flat(optimizer._flat_bucket(b, plan_grads))
-                      for b in buckets]
+        # Reduce-scatter now; only this replica's shard is kept.
+        contributions = [optimizer._reduce_scatter_flat(optimizer._flat_bucket(b, plan_grads))
+                         for b in buckets]
 
-        def last():
-            shards = [buf.read_value() + s for buf, s in zip(buffers, shards_now)]
-            for buf in buffers:
-                buf.assign(tf.zeros_like(buf))
-            optimizer._update_from_shards(shards, missing, loss_scaler, divisor=k)
-            return tf.constant(0)
+        def to_shards(sums):
+            return sums
 
-        def accumulate():
-            for buf, s in zip(buffers, shards_now):
-                buf.assign_add(s)
-            return tf.constant(0)
-
-    # The predicate comes from a counter every replica advances alike, so all
-    # replicas take the same branch and launch the same collectives.
-    tf.cond(is_last, last, accumulate)
-    counter.assign_add(1)
+    _window_step(optimizer, buffers, contributions, lambda sums: optimizer._update_from_shards(
+        to_shards(sums), missing, loss_scaler, divisor=optimizer._accumulation_steps))
 
 
 def apply_unsharded(optimizer, grads, trainable_variables) -> None:
     """One micro-step without a distribution strategy."""
     variables = trainable_variables or optimizer._model_variables
     index_of = {id(v): i for i, v in enumerate(optimizer._model_variables)}
-    counter, is_last = _is_last_micro_step(optimizer)
-    k = optimizer._accumulation_steps
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None and id(v) in index_of]
-    buffers = [optimizer._gradient_buffers[index_of[id(v)]] for _, v in pairs]
-    dense = [tf.convert_to_tensor(g) for g, _ in pairs]
-
-    def last():
-        mean = [(buf + g) / k for buf, g in zip(buffers, dense)]
-        optimizer.inner_optimizer.apply(mean, [v for _, v in pairs])
-        for buf in buffers:
-            buf.assign(tf.zeros_like(buf))
-        return tf.constant(0)
-
-    def accumulate():
-        for buf, g in zip(buffers, dense):
-            buf.assign_add(g)
-        return tf.constant(0)
-
-    tf.cond(is_last, last, accumulate)
-    counter.assign_add(1)
+    buffers = [_private.local_component(optimizer._gradient_buffers[index_of[id(v)]])
+               for _, v in pairs]
+    k = optimizer._accumulation_steps
+    _window_step(optimizer, buffers, [tf.convert_to_tensor(g) for g, _ in pairs],
+                 lambda sums: optimizer.inner_optimizer.apply(
+                     [s / k for s in sums], [v for _, v in pairs]))
