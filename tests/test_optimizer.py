@@ -46,24 +46,23 @@ def test_parity_sgd_adam(name, make, n, stage):
     assert diff < 1e-6, f"{name} n={n} stage={stage}: {diff}"
 
 
-# Tolerances: the sharded path sums gradients in another order than
-# all-reduce (float32 round-off ~1e-8 per step). Optimizers that divide by the
-# square root of small accumulated squares (Adagrad, Adadelta, RMSprop, Ftrl)
-# or take a sign (Lion) amplify that; 1e-5 is still 3 orders below the size
-# of one update at these learning rates.
+# The sharded path sums gradients in another order than all-reduce, so the
+# weights differ by float32 round-off: measured at most 6e-8 after two epochs
+# for every optimizer below (Lion, which takes a sign, 0). 1e-6 leaves 16x
+# headroom and is still far below one update at these learning rates.
 OPTIMIZERS = [
     ("sgd_nesterov", lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True), 1e-6),
     ("adam_amsgrad", lambda: keras.optimizers.Adam(0.01, amsgrad=True), 1e-6),
     ("adamw", lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1), 1e-6),
     ("adamax", lambda: keras.optimizers.Adamax(0.01), 1e-6),
     ("nadam", lambda: keras.optimizers.Nadam(0.01), 1e-6),
-    ("rmsprop_centered", lambda: keras.optimizers.RMSprop(0.01, centered=True, momentum=0.5), 1e-5),
-    ("adagrad", lambda: keras.optimizers.Adagrad(0.1), 1e-5),
-    ("adadelta", lambda: keras.optimizers.Adadelta(1.0), 1e-5),
+    ("rmsprop_centered", lambda: keras.optimizers.RMSprop(0.01, centered=True, momentum=0.5), 1e-6),
+    ("adagrad", lambda: keras.optimizers.Adagrad(0.1), 1e-6),
+    ("adadelta", lambda: keras.optimizers.Adadelta(1.0), 1e-6),
     ("ftrl", lambda: keras.optimizers.Ftrl(0.1, l1_regularization_strength=0.01,
-                                           l2_regularization_strength=0.01), 1e-5),
-    ("lion", lambda: keras.optimizers.Lion(1e-3), 1e-5),
-    ("schedule_free_adamw", lambda: keras.optimizers.ScheduleFreeAdamW(0.01), 1e-5),
+                                           l2_regularization_strength=0.01), 1e-6),
+    ("lion", lambda: keras.optimizers.Lion(1e-3), 1e-6),
+    ("schedule_free_adamw", lambda: keras.optimizers.ScheduleFreeAdamW(0.01), 1e-6),
 ]
 
 
