@@ -217,3 +217,20 @@ def test_tf_zero_backup_and_restore_single_process(tmp_path):
     resumed = train(compiled(zero_strategy(2), make), epochs=3,
                     callbacks=[BackupAndRestore(backup)])
     assert max_weight_diff(resumed.get_weights(), reference) < 1e-6
+
+
+def test_export_and_saved_model_serve_the_trained_model(tmp_path, saved):
+    """model.export and tf.saved_model.save work with a sharded optimizer."""
+    model = saved["model"]
+    x, _ = regression_data()
+    want = model.predict(x[:8], verbose=0)
+    model.export(str(tmp_path / "exported"))
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(served.serve(x[:8]).numpy(), want, atol=1e-6)
+    # The raw SavedModel keeps the weights (and the step, not the shards).
+    tf.saved_model.save(model, str(tmp_path / "saved_model"))
+    reader = tf.train.load_checkpoint(str(tmp_path / "saved_model" / "variables" / "variables"))
+    stored = sorted((k for k in reader.get_variable_to_shape_map() if "kernel" in k))
+    assert stored
+    kernels = [w for w in model.get_weights() if w.ndim == 2]
+    assert any(np.array_equal(reader.get_tensor(k), kernels[0]) for k in stored)

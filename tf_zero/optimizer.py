@@ -305,6 +305,10 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         # Look like the plain inner optimizer: same dependency names, with
         # sharded slots replaced by their full, unpadded values.
         inner = self._inner
+        if str(save_type).lower().endswith("savedmodel"):
+            # A SavedModel is for serving: it keeps the step, not the sharded
+            # slots (checkpoints carry the full training state).
+            return {"_iterations": inner._iterations}
         children = {"_iterations": inner._iterations,
                     "_variables": self._checkpoint_items}
         if isinstance(inner._learning_rate, keras.Variable):
