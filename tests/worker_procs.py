@@ -1,40 +1,24 @@
 """Starts local multi-worker jobs for tests, always stopping every worker."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from tf_zero.launch import free_ports, worker_environments
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_ports(count):
-    socks, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def run_workers(args, num_workers, timeout=180, env=None):
     """Runs `python args...` as `num_workers` workers; returns (codes, outputs)."""
-    ports = free_ports(num_workers)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    base = dict(os.environ, **(env or {}))
+    base["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), base.get("PYTHONPATH", "")])
     procs = []
     try:
-        for i in range(num_workers):
-            worker_env = dict(os.environ, **(env or {}))
-            worker_env["TF_CONFIG"] = json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": i}})
-            worker_env["PYTHONPATH"] = os.pathsep.join(
-                [os.path.dirname(HERE), worker_env.get("PYTHONPATH", "")])
+        for worker_env in worker_environments(num_workers, free_ports(num_workers),
+                                              base_env=base):
             procs.append(subprocess.Popen(
                 [sys.executable] + list(args), env=worker_env,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

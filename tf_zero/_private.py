@@ -64,30 +64,29 @@ def next_collective_key_base() -> int:
         return next(_key_counter) * _KEY_STRIDE
 
 
-def new_mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:
-    """A plain `MirroredStrategy` whose collective keys do not collide."""
-    cls = tf.distribute.MirroredStrategy
+def _with_own_keys(cls, **kwargs):
+    """Constructs a stock collective strategy on a key base of its own."""
     saved = cls._collective_key_base
     cls._collective_key_base = next_collective_key_base()
     try:
-        return cls(devices=devices)
+        return cls(**kwargs)
     finally:
         cls._collective_key_base = saved
+
+
+def new_mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:
+    """A plain `MirroredStrategy` whose collective keys do not collide."""
+    return _with_own_keys(tf.distribute.MirroredStrategy, devices=devices)
 
 
 def new_multi_worker_strategy(cluster_resolver=None, communication_options=None):
     """A plain `MultiWorkerMirroredStrategy` with its own collective keys."""
-    cls = tf.distribute.MultiWorkerMirroredStrategy
-    saved = cls._collective_key_base
-    cls._collective_key_base = next_collective_key_base()
-    try:
-        return cls(cluster_resolver=cluster_resolver,
-                   communication_options=communication_options)
-    finally:
-        cls._collective_key_base = saved
+    return _with_own_keys(tf.distribute.MultiWorkerMirroredStrategy,
+                          cluster_resolver=cluster_resolver,
+                          communication_options=communication_options)
 
 
-def is_multi_worker(strategy) -> bool:
+def in_multi_worker_mode(strategy) -> bool:
     """Whether `strategy` is a collective strategy spanning several workers."""
     extended = strategy.extended
     return isinstance(extended, _cars.CollectiveAllReduceExtended) and bool(
@@ -235,10 +234,6 @@ class LocalDevicesExtended(_cars.CollectiveAllReduceExtended):
                             for i in range(self._devices_per_worker))
             return devices, "CPU"
         return super()._initialize_local_devices(cluster_resolver, worker_device)
-
-
-def in_multi_worker_mode(strategy) -> bool:
-    return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())
 
 
 def local_replica_ranks(strategy) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import tensorflow as tf
 
 from tf_zero import _private
 
@@ -122,7 +123,7 @@ def memory_report(optimizer) -> MemoryReport:
             for c in _private.components(buf):
                 _add(acc, c.device, "gradient_buffers", _nbytes(c))
         unsharded_slots = sum(
-            sum(bucket.size * _itemsize(s.dtype) for s in slots)
+            sum(bucket.size * tf.as_dtype(s.dtype).size for s in slots)
             for bucket, slots in zip(optimizer.plan.buckets, optimizer._slots_by_bucket))
         unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
     else:
@@ -151,9 +152,3 @@ def memory_report(optimizer) -> MemoryReport:
                               slots=unsharded_slots, gradient_buffers=unsharded_grads)
     return MemoryReport(stage=stage, replicas=replicas, unsharded=unsharded)
 
-
-def _itemsize(dtype):
-    import numpy as np
-
-    dtype = keras.backend.standardize_dtype(dtype)
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
