@@ -70,6 +70,8 @@ class GradientAccumulationOptimizer(ZeroOptimizer):
         ...     keras.optimizers.Adam(1e-3), steps=4)
     """
 
+    _wrappable = True
+
     def __init__(self, inner_optimizer, steps=None, *, stage=None, bucket_size_bytes=None,
                  reduce_dtype=None, name=None, accumulation_steps=None, **kwargs):
         steps = _check_steps(steps if steps is not None else accumulation_steps)
@@ -78,10 +80,8 @@ class GradientAccumulationOptimizer(ZeroOptimizer):
                 raise ValueError(
                     "The inner optimizer already accumulates gradients; wrap the "
                     "plain optimizer once: GradientAccumulationOptimizer(Adam(), steps=k).")
-            stage = stage or inner_optimizer._requested_stage
-            bucket_size_bytes = bucket_size_bytes or inner_optimizer._requested_bucket_size
-            reduce_dtype = reduce_dtype or inner_optimizer._requested_reduce_dtype
-            inner_optimizer = inner_optimizer.inner_optimizer
+            inner_optimizer, stage, bucket_size_bytes, reduce_dtype = inner_optimizer._merged(
+                stage, bucket_size_bytes, reduce_dtype)
         super().__init__(inner_optimizer, stage=stage, bucket_size_bytes=bucket_size_bytes,
                          reduce_dtype=reduce_dtype, accumulation_steps=steps,
                          name=name or f"accumulate_{inner_optimizer.name}", **kwargs)

@@ -68,15 +68,12 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, inner_optimizer, *, stage=None, bucket_size_bytes=None,
                  reduce_dtype=None, accumulation_steps=1, name=None, **kwargs):
-        if type(inner_optimizer).__name__ == "GradientAccumulationOptimizer" and isinstance(
-                inner_optimizer, ZeroOptimizer):
+        if isinstance(inner_optimizer, ZeroOptimizer) and inner_optimizer._wrappable:
             # ZeroOptimizer(GradientAccumulationOptimizer(opt, k)) is the same
             # optimizer as GradientAccumulationOptimizer(ZeroOptimizer(opt), k).
-            stage = stage or inner_optimizer._requested_stage
-            bucket_size_bytes = bucket_size_bytes or inner_optimizer._requested_bucket_size
-            reduce_dtype = reduce_dtype or inner_optimizer._requested_reduce_dtype
             accumulation_steps = inner_optimizer._accumulation_steps
-            inner_optimizer = inner_optimizer.inner_optimizer
+            inner_optimizer, stage, bucket_size_bytes, reduce_dtype = inner_optimizer._merged(
+                stage, bucket_size_bytes, reduce_dtype)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "ZeroOptimizer wraps a Keras optimizer instance, e.g. "
@@ -128,6 +125,17 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             items.append(inner_optimizer._learning_rate)
         self._checkpoint_items = sharded_state.CheckpointList(items)
         self._checkpoint_model_variables = sharded_state.CheckpointList()
+
+    # A ZeroOptimizer passed to ZeroOptimizer(...) is refused; the subclass
+    # GradientAccumulationOptimizer sets this to be unwrapped instead.
+    _wrappable = False
+
+    def _merged(self, stage, bucket_size_bytes, reduce_dtype):
+        """(inner optimizer, stage, bucket size, reduce dtype) for a wrapper of
+        this optimizer: the wrapper's explicit settings, else this one's."""
+        return (self._inner, stage or self._requested_stage,
+                bucket_size_bytes or self._requested_bucket_size,
+                reduce_dtype or self._requested_reduce_dtype)
 
     # ---- forwarding -------------------------------------------------------
 
@@ -220,14 +228,14 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         self._zero_config = self._resolve_config(strategy)
         self._sharded = tf.distribute.has_strategy() and not isinstance(
             strategy, tf.distribute.OneDeviceStrategy)
+        self._model_variables = [v for v in var_list
+                                 if v.trainable and keras.backend.is_float_dtype(v.dtype)]
         if not self._sharded:
             self._inner.build(var_list)
             for v in self._inner.variables[len(self._checkpoint_items):]:
                 self._checkpoint_items.append(v)
             for v in getattr(self._inner, "_trainable_variables", var_list):
                 self._checkpoint_model_variables.append(v)
-            self._model_variables = [v for v in var_list if v.trainable
-                                     and keras.backend.is_float_dtype(v.dtype)]
             _accumulation().build_buffers(self)
             super().build(var_list)
             self._apply_pending_load()
@@ -242,9 +250,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         self._checkpoint_items[0] = self._inner._iterations
         if isinstance(self._inner._learning_rate, keras.Variable):
             self._checkpoint_items[1] = self._inner._learning_rate
-        model_vars = [v for v in var_list
-                      if v.trainable and keras.backend.is_float_dtype(v.dtype)]
-        self._model_variables = model_vars
+        model_vars = self._model_variables
         n = strategy.num_replicas_in_sync
         self._plan = plan_shards([tuple(v.shape) for v in model_vars],
                                  [v.dtype for v in model_vars], n,
@@ -289,9 +295,9 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         names = [[slot.name[len(shard_prefix[b]):] for slot in slots]
                  for b, slots in enumerate(self._slots_by_bucket)]
         for group in groups:
+            positions = [names[0].index(name) if names else 0 for name in group]
             for k in range(len(self._model_variables)):
-                for name in group:
-                    position = names[0].index(name) if names else 0
+                for name, position in zip(group, positions):
                     self._checkpoint_items.append(
                         sharded_state.UnshardedSlot(self, k, position, name))
 
@@ -544,8 +550,6 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         covered = sum(p.size for p in pieces)
         if covered < bucket.shard_size:
             parts.append(tf.zeros([bucket.shard_size - covered], bucket.dtype))
-        if not parts:
-            return tf.zeros([0], bucket.dtype)
         return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def _mask(self, bucket, pieces, predicate):
@@ -570,17 +574,16 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         if all(decayed):
             local.assign_sub(local.read_value() * wd * lr)
         else:
-            mask = np.zeros([bucket.shard_size], dtype=bucket.dtype)
-            for p, d in zip(pieces, decayed):
-                if d:
-                    mask[p.offset:p.offset + p.size] = 1
-            local.assign_sub(local.read_value() * wd * lr * tf.constant(mask))
+            decay = dict(zip(pieces, decayed))
+            mask = tf.cast(self._mask(bucket, pieces, decay.__getitem__), dtype)
+            local.assign_sub(local.read_value() * wd * lr * mask)
 
     def _statistics(self, shard_grads, rank, check_finite):
         """Replica-wide gradient statistics from one small all-reduce.
 
-        Returns a dict with "finite" (no inf/nan in any replica's shard),
-        "norms" (per-variable norms, for clipnorm) and "global_norm".
+        Returns a dict with, as needed, "finite" (no inf/nan in any replica's
+        shard), "sq_norms" (per-variable squared norms, for clipnorm) or
+        "global_norm" (for global_clipnorm).
         """
         inner = self._inner
         per_variable = bool(inner.clipnorm and inner.clipnorm > 0)
