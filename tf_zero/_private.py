@@ -11,6 +11,7 @@ against the TensorFlow versions in `CHECKED_TF_VERSIONS`, and covered by
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 
 import keras
@@ -20,6 +21,7 @@ from tensorflow.python.distribute import distribute_lib as _distribute_lib
 from tensorflow.python.distribute import values as _values
 from tensorflow.python.ops import collective_ops as _collective_ops
 from tensorflow.python.ops import gen_collective_ops as _gen_collective_ops
+from tensorflow.python.saved_model import save_context as _save_context
 
 CHECKED_TF_VERSIONS = ("2.21",)
 """TensorFlow minor versions on which every wrapper below was verified."""
@@ -178,10 +180,24 @@ def raw_reduce_scatter(x, params: LaunchParams):
 
 
 def tf_variable(variable):
-    """The `tf.Variable` (possibly distributed) behind a Keras variable."""
+    """The `tf.Variable` (possibly distributed) behind a Keras variable.
+
+    For a stage-3 sharded weight this is its per-replica shard variable.
+    """
     if isinstance(variable, keras.Variable):
-        return variable._value
-    return variable
+        variable = variable._value
+    return getattr(variable, "_tf_zero_shard", variable)
+
+
+def in_save_context() -> bool:
+    """True while `tf.saved_model.save` traces and writes (stage-3 export)."""
+    return _save_context.in_save_context()
+
+
+def sharded_storage(variable):
+    """The `tf_zero.stage3.ShardedVariable` behind a Keras variable, or None."""
+    value = getattr(variable, "_value", variable)
+    return value if hasattr(value, "_tf_zero_shard") else None
 
 
 def components(variable):
@@ -259,6 +275,12 @@ def _local_backend_update_step(self, grads, trainable_variables, learning_rate):
     if getattr(self, "_tf_zero_local_update", False):
         return _keras_base_optimizer.BaseOptimizer._backend_update_step(
             self, grads, trainable_variables, learning_rate)
+    for v in trainable_variables:
+        if sharded_storage(v) is not None:
+            raise ValueError(
+                f"{v.path} is a weight sharded by ZeroStrategy(stage=3); "
+                f"{type(self).__name__} cannot update it. Compile with "
+                f"tf_zero.ZeroOptimizer({type(self).__name__}(...)).")
     return _tf_backend_update_step(self, grads, trainable_variables, learning_rate)
 
 
@@ -317,3 +339,38 @@ def _lso_tf_apply(self, grads, trainable_variables=None):
 
 
 _keras_lso.LossScaleOptimizer._tf_apply = _lso_tf_apply
+
+
+# Stage 3 reads Keras' mixed-precision autocast scope (to gather weights in
+# the compute dtype and to restore the scope when a layer is recomputed) and
+# finds the layer whose `add_weight` is creating a variable.
+from keras.src.backend.common import variables as _keras_variables  # noqa: E402
+
+
+def autocast_dtype():
+    """The dtype Keras casts float variables to in the current layer call, or None."""
+    scope = _keras_variables.get_autocast_scope()
+    return None if scope is None else scope.dtype
+
+
+def autocast_scope(dtype):
+    """Keras' autocast context for `dtype` (None: no casting)."""
+    return _keras_variables.AutocastScope(dtype)
+
+
+def layer_adding_weight():
+    """(layer, autocast) of the `Layer.add_weight` call on the stack, else (None, True).
+
+    Keras creates a layer's weights through `Layer.add_weight`, which builds a
+    `keras.Variable`, whose TensorFlow backend calls `tf.Variable`: a variable
+    creator sees the call but not the layer. The layer and the weight's
+    `autocast` flag are the caller's arguments, read from its frame.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "add_weight":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.layers.Layer):
+                return owner, bool(frame.f_locals.get("autocast", True))
+        frame = frame.f_back
+    return None, True

@@ -108,7 +108,8 @@ def build_buffers(optimizer) -> None:
     if optimizer.is_sharded:
         stage = optimizer.zero_config.stage
         for bucket in optimizer.plan.buckets:
-            size = bucket.padded_size if stage == 1 else bucket.shard_size
+            owned = bucket.index in optimizer._owned_buckets
+            size = bucket.padded_size if stage == 1 and not owned else bucket.shard_size
             buffers.append(keras.Variable(
                 initializer="zeros", shape=(size,), dtype=bucket.dtype, trainable=False,
                 name=f"zero_grad_buffer_{bucket.index}",
@@ -152,16 +153,19 @@ def apply_sharded(optimizer, plan_grads, missing, loss_scaler) -> None:
     """One micro-step of the sharded optimizer (replica context)."""
     buckets = optimizer.plan.buckets
     buffers = [_private.local_component(b) for b in optimizer._gradient_buffers]
+    owned = optimizer._owned_buckets
     if optimizer.zero_config.stage == 1:
         # Local full-size sums; the window's only reduce-scatter is at its end.
-        contributions = [optimizer._flat_bucket(b, plan_grads) for b in buckets]
+        # (A stage-3 weight's gradient is reduced by the backward pass.)
+        contributions = [optimizer._owned_gradient(b, plan_grads) if b.index in owned
+                         else optimizer._flat_bucket(b, plan_grads) for b in buckets]
 
         def to_shards(sums):
-            return [optimizer._reduce_scatter_flat(s) for s in sums]
+            return [s if b.index in owned else optimizer._reduce_scatter_flat(s)
+                    for b, s in zip(buckets, sums)]
     else:
         # Reduce-scatter now; only this replica's shard is kept.
-        contributions = [optimizer._reduce_scatter_flat(optimizer._flat_bucket(b, plan_grads))
-                         for b in buckets]
+        contributions = [optimizer._shard_gradient(b, plan_grads) for b in buckets]
 
         def to_shards(sums):
             return sums

@@ -17,7 +17,8 @@ class ReplicaMemory:
     Attributes:
         device: the device name.
         weights: trainable model weights (full copies on every replica
-            at stages 1 and 2).
+            at stages 1 and 2; at stage 3 the replica's shards of the
+            sharded weights plus full copies of the small ones).
         weight_shards: the replica's slice of the weights that the inner
             optimizer updates (0 when not sharded).
         slots: optimizer slot variables (momenta, velocities, ...).
@@ -112,7 +113,9 @@ def memory_report(optimizer) -> MemoryReport:
         stage = optimizer.stage
         model_vars = optimizer._model_variables
         inner = optimizer.inner_optimizer
-        for shard in optimizer._shard_variables:
+        for bucket, shard in zip(optimizer.plan.buckets, optimizer._shard_variables):
+            if bucket.index in optimizer._owned_buckets:
+                continue  # a stage-3 weight: counted under "weights" below
             for c in _private.components(shard):
                 _add(acc, c.device, "weight_shards", _nbytes(c))
         for slots in optimizer._slots_by_bucket:
@@ -148,7 +151,9 @@ def memory_report(optimizer) -> MemoryReport:
     if unsharded_slots is None:
         unsharded_slots = first.slots
         unsharded_grads = first.gradient_buffers
-    unsharded = ReplicaMemory(device="unsharded (per replica)", weights=first.weights,
+    full_weights = sum(int(v.shape.num_elements()) * tf.as_dtype(v.dtype).size
+                       for v in model_vars)
+    unsharded = ReplicaMemory(device="unsharded (per replica)", weights=full_weights,
                               slots=unsharded_slots, gradient_buffers=unsharded_grads)
     return MemoryReport(stage=stage, replicas=replicas, unsharded=unsharded)
 

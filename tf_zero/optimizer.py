@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, collectives, loss_scale, sharded_state
+from tf_zero import _private, collectives, loss_scale, sharded_state, stage3
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
 from tf_zero.plan import ShardPlan, plan_shards
 
@@ -118,6 +118,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         self._shard_variables = []
         self._slots_by_bucket = []
         self._sharded = False
+        self._owned_buckets = frozenset()
         self._strategy = None
         self._pending_load = None
         items = [inner_optimizer._iterations]
@@ -252,14 +253,29 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             self._checkpoint_items[1] = self._inner._learning_rate
         model_vars = self._model_variables
         n = strategy.num_replicas_in_sync
+        owned = [stage3.is_sharded(v) for v in model_vars]
+        if self._zero_config.stage == 3 and not any(owned):
+            raise ValueError(
+                "ZeroOptimizer at stage 3 found no sharded weights: stage 3 shards "
+                "weights when they are created, so build the model under "
+                "tf_zero.ZeroStrategy(stage=3).scope() (weights smaller than "
+                "persistence_threshold stay replicated), or use stage=2.")
         self._plan = plan_shards([tuple(v.shape) for v in model_vars],
                                  [v.dtype for v in model_vars], n,
-                                 self._zero_config.bucket_size_bytes)
+                                 self._zero_config.bucket_size_bytes, alone=owned)
+        self._owned_buckets = frozenset(
+            b.index for b in self._plan.buckets if owned[b.segments[0].variable])
         shards = []
         for bucket in self._plan.buckets:
+            name = f"zero_shard_{bucket.index}"
+            if bucket.index in self._owned_buckets:
+                # A stage-3 weight: its storage already is this bucket's shard.
+                storage = _private.sharded_storage(model_vars[bucket.segments[0].variable])
+                shards.append(_keras_view(storage.shard, name))
+                continue
             shards.append(keras.Variable(
                 initializer="zeros", shape=(bucket.shard_size,),
-                dtype=bucket.dtype, trainable=False, name=f"zero_shard_{bucket.index}",
+                dtype=bucket.dtype, trainable=False, name=name,
                 synchronization="on_read", aggregation="only_first_replica"))
         self._fill_shards_from_model(strategy, shards)
         before = len(self._inner.variables)
@@ -288,7 +304,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
 
     def _add_unsharded_slots(self):
         """Checkpoint items for the slots, in the plain optimizer's order."""
-        probe_vars = [keras.Variable(np.zeros(1, np.float32), name=n, trainable=True)
+        probe_vars = [keras.Variable(np.zeros(1, np.float32), name=n, trainable=False)
                       for n in ("a", "b")]
         groups = sharded_state.slot_layout(self._inner, probe_vars)
         shard_prefix = [s.path.replace("/", "_") + "_" for s in self._shard_variables]
@@ -373,6 +389,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         ranks = _private.local_replica_ranks(strategy)
         flat = {}
         for bucket, shard in zip(self._plan.buckets, shards):
+            if bucket.index in self._owned_buckets:
+                continue
             for rank, comp in zip(ranks, _private.components(shard)):
                 parts = []
                 for p in bucket.shard_pieces(rank):
@@ -456,7 +474,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         if self._accumulation_steps > 1:
             _accumulation().apply_sharded(self, plan_grads, missing, loss_scaler)
             return
-        shard_grads = [self._reduce_scatter_bucket(b, plan_grads) for b in self._plan.buckets]
+        shard_grads = [self._shard_gradient(b, plan_grads) for b in self._plan.buckets]
         self._update_from_shards(shard_grads, missing, loss_scaler)
 
     def _update_from_shards(self, shard_grads, missing, loss_scaler, divisor=None):
@@ -470,8 +488,9 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         stats = self._statistics(shard_grads, rank, check_finite=loss_scaler is not None)
         shard_grads = self._clip(shard_grads, rank, stats)
         for bucket, shard_var in zip(self._plan.buckets, self._shard_variables):
-            _private.local_component(shard_var).assign(
-                self._read_weight_shard(bucket, bucket.shard_pieces(rank)))
+            if bucket.index not in self._owned_buckets:
+                _private.local_component(shard_var).assign(
+                    self._read_weight_shard(bucket, bucket.shard_pieces(rank)))
 
         def update():
             self._update_shards(shard_grads, missing, rank)
@@ -519,8 +538,19 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 comp.assign(tf.where(keep, old, comp.read_value()))
         _private.local_component(inner.iterations).assign_add(1)
 
-    def _reduce_scatter_bucket(self, bucket, plan_grads):
+    def _shard_gradient(self, bucket, plan_grads):
+        """This replica's summed gradient shard of one bucket."""
+        if bucket.index in self._owned_buckets:
+            return self._owned_gradient(bucket, plan_grads)
         return self._reduce_scatter_flat(self._flat_bucket(bucket, plan_grads))
+
+    def _owned_gradient(self, bucket, plan_grads):
+        # A stage-3 weight's gradient arrives reduce-scattered by the
+        # backward pass of its gather: it already is the summed shard.
+        g = plan_grads[bucket.segments[0].variable]
+        if g is None:
+            return tf.zeros([bucket.shard_size], bucket.dtype)
+        return tf.cast(_flat(_dense(g)), bucket.dtype)
 
     def _flat_bucket(self, bucket, plan_grads):
         """This replica's local gradients of one bucket, flat and padded."""
@@ -653,10 +683,13 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     def _all_gather_into_model(self, missing):
         gathered = {}
         for bucket, shard_var in zip(self._plan.buckets, self._shard_variables):
+            if bucket.index in self._owned_buckets:
+                self._constrain_owned(bucket, shard_var, missing)
+                continue
             gathered[bucket.index] = collectives.all_gather(
                 _private.local_component(shard_var).read_value())
         for i, var in enumerate(self._model_variables):
-            if i in missing:
+            if i in missing or i in self._owned_variables:
                 continue
             parts = [gathered[b][s.offset:s.offset + s.size]
                      for b, s in self._plan.variable_segments(i)]
@@ -667,6 +700,25 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             if var.constraint is not None:
                 value = var.constraint(value)
             _private.local_component(var).assign(tf.cast(value, var.dtype))
+
+    @property
+    def _owned_variables(self):
+        return {self._plan.buckets[b].segments[0].variable for b in self._owned_buckets}
+
+    def _constrain_owned(self, bucket, shard_var, missing):
+        """A constraint needs the whole weight: gather, constrain, keep the shard."""
+        i = bucket.segments[0].variable
+        var = self._model_variables[i]
+        if var.constraint is None or i in missing:
+            return
+        local = _private.local_component(shard_var)
+        full = collectives.all_gather(local.read_value())
+        value = var.constraint(tf.reshape(full[:bucket.size], var.shape))
+        flat = _flat(tf.cast(value, bucket.dtype))
+        if bucket.padding:
+            flat = tf.concat([flat, tf.zeros([bucket.padding], bucket.dtype)], 0)
+        lo, hi = bucket.shard_range(collectives.rank())
+        local.assign(flat[lo:hi])
 
     # ---- serialization ----------------------------------------------------
 
@@ -721,6 +773,18 @@ def _check_supported(inner):
 # Optimizers whose build() initializes a slot from the variable's value; the
 # shards do not hold their values yet when build() runs on all replicas at once.
 _SLOTS_INITIALIZED_FROM_VARIABLE = {"ScheduleFreeAdamW": ("momentum",)}
+
+
+def _keras_view(tf_variable, name):
+    """A `keras.Variable` whose storage is an existing `tf.Variable`."""
+
+    def existing(next_creator, **kwargs):
+        return tf_variable
+
+    with tf.variable_creator_scope(existing):
+        return keras.Variable(initializer="zeros", shape=tuple(tf_variable.shape),
+                              dtype=tf_variable.dtype.name, trainable=False, name=name,
+                              synchronization="on_read", aggregation="only_first_replica")
 
 
 def _per_replica_creator(next_creator, **kwargs):

@@ -126,7 +126,8 @@ def _check_rank(rank, num_shards):
 
 
 def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
-                num_shards: int, bucket_size_bytes: int) -> ShardPlan:
+                num_shards: int, bucket_size_bytes: int,
+                alone: Sequence[bool] | None = None) -> ShardPlan:
     """Lays variables into flat, padded buckets split into `num_shards` shards.
 
     Args:
@@ -135,6 +136,9 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
         num_shards: number of replicas sharing the state.
         bucket_size_bytes: upper bound on a bucket's unpadded byte size (a
             bucket always holds at least `num_shards` elements).
+        alone: optional flag per variable: True gives the variable a bucket
+            of its own, whatever its size (a stage-3 sharded weight, whose
+            storage is exactly that bucket's shards).
 
     Returns:
         The `ShardPlan`; identical on every replica for identical inputs.
@@ -150,6 +154,9 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     """
     if len(shapes) != len(dtypes):
         raise ValueError(f"got {len(shapes)} shapes but {len(dtypes)} dtypes")
+    alone = tuple(bool(a) for a in alone) if alone is not None else (False,) * len(shapes)
+    if len(alone) != len(shapes):
+        raise ValueError(f"got {len(shapes)} shapes but {len(alone)} `alone` flags")
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
     if bucket_size_bytes < 1:
@@ -177,6 +184,14 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
 
     for index, (shape, dtype) in enumerate(zip(shapes, dtypes)):
         size = int(np.prod(shape, dtype=np.int64))
+        if alone[index]:
+            close()
+            current_dtype = dtype
+            current.append(Segment(index, 0, size, 0))
+            filled = size
+            close()
+            current_dtype = None
+            continue
         if dtype != current_dtype:
             close()
             current_dtype = dtype

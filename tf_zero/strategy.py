@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import tensorflow as tf
 
-from tf_zero import _private
-from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
+from tf_zero import _private, stage3
+from tf_zero.config import (DEFAULT_BUCKET_SIZE_BYTES, DEFAULT_PERSISTENCE_THRESHOLD,
+                            DEFAULT_PREFETCH_DEPTH, ZeroConfig)
 
 DEVICES_ENV = "TF_ZERO_DEVICES_PER_WORKER"
 
@@ -38,9 +40,13 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
 
     Args:
         devices: device names for a single-worker strategy.
-        stage: ZeRO stage, 1 or 2 (see `tf_zero.ZeroConfig`).
+        stage: ZeRO stage, 1, 2 or 3 (see `tf_zero.ZeroConfig`). At stage 3
+            the trainable float weights created under `scope()` are stored
+            as 1/N shards (see `tf_zero.stage3`).
         bucket_size_bytes: gradient bucket size.
         reduce_dtype: optional dtype for gradient communication.
+        persistence_threshold, prefetch_depth, recompute: stage-3 settings,
+            see `tf_zero.ZeroConfig`.
         cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver`
             for multi-worker runs (default: read `TF_CONFIG`).
         communication_options: `tf.distribute.experimental.CommunicationOptions`
@@ -61,11 +67,16 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
 
     def __init__(self, devices=None, *, stage=2,
                  bucket_size_bytes=DEFAULT_BUCKET_SIZE_BYTES, reduce_dtype=None,
+                 persistence_threshold=DEFAULT_PERSISTENCE_THRESHOLD,
+                 prefetch_depth=DEFAULT_PREFETCH_DEPTH, recompute=True,
                  cluster_resolver=None, communication_options=None,
                  devices_per_worker=None):
         self._zero_config = ZeroConfig(stage=stage,
                                        bucket_size_bytes=bucket_size_bytes,
-                                       reduce_dtype=reduce_dtype)
+                                       reduce_dtype=reduce_dtype,
+                                       persistence_threshold=persistence_threshold,
+                                       prefetch_depth=prefetch_depth,
+                                       recompute=recompute)
         if communication_options is None:
             communication_options = tf.distribute.experimental.CommunicationOptions()
         resolver = (cluster_resolver or
@@ -102,6 +113,13 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
     def stage(self) -> int:
         return self._zero_config.stage
 
+    def scope(self):
+        """`Strategy.scope()`; at stage 3 it also creates weights sharded."""
+        scope = super().scope()
+        if self._zero_config.stage != 3:
+            return scope
+        return _sharding_scope(scope, stage3.sharding_creator(self, self._zero_config))
+
     def reduce(self, reduce_op, value, axis=None):
         """`Strategy.reduce`, mapped over nests; scalars reduce with axis=None."""
 
@@ -111,6 +129,12 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
                 reduce_op, v, axis=None if rank == 0 else axis)
 
         return tf.nest.map_structure(reduce_one, value)
+
+
+@contextlib.contextmanager
+def _sharding_scope(strategy_scope, creator):
+    with strategy_scope as strategy, tf.variable_creator_scope(creator):
+        yield strategy
 
 
 def _rank_of(value):
