@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's BFC allocator on CPU keeps the allocation statistics that
+# tf.config.experimental.get_memory_info reports (stage-3 peak memory tests).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import tensorflow as tf  # noqa: E402
 
@@ -70,6 +73,8 @@ def assert_replicas_identical(model):
     across replicas with or without tf_zero.
     """
     for v in model.trainable_variables:
+        if tf_zero.stage3.is_sharded(v):
+            continue  # a stage-3 shard differs per replica by design
         comps = [c.numpy() for c in _private.components(v)]
         for c in comps[1:]:
             assert np.array_equal(comps[0], c), f"replicas diverged on {v.path}"

@@ -312,7 +312,7 @@ def test_unsupported_inner_optimizers_are_named(make, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(stage=3), "stage 3"),
+    (dict(stage=4), "stage=3 to also shard the weights"),
     (dict(stage=0), "stage must be"),
     (dict(bucket_size_bytes=10), "bucket_size_bytes"),
     (dict(clipnorm=1.0), "set it on the inner"),

@@ -6,20 +6,23 @@ from tf_zero.estimate import MemoryEstimate, estimate_memory
 from tf_zero.memory import MemoryReport, ReplicaMemory, memory_report
 from tf_zero.optimizer import ZeroOptimizer
 from tf_zero.plan import ShardPlan, plan_shards
+from tf_zero.stage3 import ShardedVariable, is_sharded
 from tf_zero.strategy import ZeroStrategy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "estimate_memory",
     "GradientAccumulationOptimizer",
+    "is_sharded",
+    "memory_report",
     "MemoryEstimate",
     "MemoryReport",
+    "plan_shards",
     "ReplicaMemory",
+    "ShardedVariable",
     "ShardPlan",
     "ZeroConfig",
     "ZeroOptimizer",
     "ZeroStrategy",
-    "estimate_memory",
-    "memory_report",
-    "plan_shards",
 ]

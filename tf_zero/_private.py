@@ -189,6 +189,13 @@ def tf_variable(variable):
     return getattr(variable, "_tf_zero_shard", variable)
 
 
+def eager_mode():
+    """Runs eagerly even inside the graph `tf.saved_model.save` is building."""
+    from tensorflow.python.eager import context
+
+    return context.eager_mode()
+
+
 def in_save_context() -> bool:
     """True while `tf.saved_model.save` traces and writes (stage-3 export)."""
     return _save_context.in_save_context()

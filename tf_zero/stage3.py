@@ -120,7 +120,7 @@ class ShardedVariable:
     def handle(self):
         # The tape differentiates with respect to this replica's shard: the
         # gather's custom gradient turns the full gradient into its shard.
-        if tf.distribute.in_cross_replica_context() and self._in_save_context():
+        if not tf.distribute.has_strategy() and _private.in_save_context():
             return self._export().handle
         return self.shard.handle
 
@@ -137,9 +137,21 @@ class ShardedVariable:
         """The full weight: gathered in replica context, concatenated outside."""
         if _replica_context_of(self._strategy):
             return self._gather()
-        if self._in_save_context():
-            return self._export().read_value()
+        if not tf.executing_eagerly() and not tf.distribute.has_strategy():
+            return self._serving_read()
         return self.full_value()
+
+    def _serving_read(self):
+        # A function traced outside the strategy (model.export, a
+        # tf.saved_model signature, tf.function(model)) reads one plain
+        # variable holding the full weight; a SavedModel can hold that, not
+        # the per-replica shards. While saving it is refreshed once, eagerly;
+        # elsewhere every call refreshes it first, so it is never stale.
+        export = self._export()
+        if _private.in_save_context():
+            return export.read_value()
+        with tf.control_dependencies([export.assign(self.full_value())]):
+            return export.read_value()
 
     def numpy(self):
         return self.full_value().numpy()
@@ -236,17 +248,13 @@ class ShardedVariable:
         self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
         return tf.no_op()
 
-    @staticmethod
-    def _in_save_context():
-        return _private.in_save_context()
-
     def _export(self):
-        """A plain variable holding the full value, for a SavedModel."""
+        """A plain variable holding the full value (refreshed, eagerly)."""
         with tf.init_scope():
             value = self.full_value()
             if self._export_variable is None:
                 with tf.device("/cpu:0"):
-                    self._export_variable = tf.Variable(value, trainable=True,
+                    self._export_variable = tf.Variable(value, trainable=False,
                                                         name=self._name)
             else:
                 self._export_variable.assign(value)
@@ -257,7 +265,8 @@ class ShardedVariable:
         return self._export()._shared_name
 
     def _export_to_saved_model_graph(self, object_map, tensor_map, options, **kwargs):
-        export = self._export()
+        with _private.eager_mode():
+            export = self._export()
         resources = export._export_to_saved_model_graph(object_map, tensor_map, options,
                                                         **kwargs)
         object_map[self] = object_map[export]
@@ -426,7 +435,9 @@ def _recomputed_call(layer, original, args, kwargs):
         return original(*args, **kwargs)
     x, rest = args[0], args[1:]
     deps = _window.enter_layer(x, config.prefetch_depth)
-    if not _recomputable(layer):
+    if not _recomputable(layer) or not x.dtype.is_floating:
+        # (An integer input, e.g. Embedding's ids: backward needs only the
+        # ids, so the gathered table is freed after the forward pass anyway.)
         with _Pending(deps):
             return original(*args, **kwargs)
     compute = _private.autocast_dtype()
