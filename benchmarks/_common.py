@@ -7,7 +7,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODES = ("mirrored", "stage1", "stage2")
+MODES = ("mirrored", "stage1", "stage2", "stage3")
 
 
 def configure_cpus(n):

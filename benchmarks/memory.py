@@ -1,4 +1,4 @@
-"""Per-replica memory of MirroredStrategy vs ZeRO stage 1 and 2, measured.
+"""Per-replica memory of MirroredStrategy vs ZeRO stages 1, 2 and 3, measured.
 
 For each N and mode, a fresh process builds the model (Adam), trains a few
 steps, and reports: per-replica bytes of weights, weight shards, optimizer
@@ -35,6 +35,10 @@ def child(mode, n, params, steps, hidden=None):
                       "peak_rss_mib": _common.peak_rss_mib()}))
 
 
+def _state(r):
+    return r["weights"] + r["weight_shards"] + r["slots"] + r["grad_buffers"]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", type=float, default=50e6)
@@ -64,7 +68,8 @@ def main():
             print(f"{n:>3} {mode:>9} {r['params']:>11,} {r['weights'] / mib:>9.1f} "
                   f"{r['weight_shards'] / mib:>9.1f} {r['slots'] / mib:>9.1f} "
                   f"{r['grad_buffers'] / mib:>9.1f} {r['peak_rss_mib']:>9.0f}"
-                  f"   slots x{r['slots'] / base['slots']:.3f}"
+                  f"   state x{_state(r) / _state(base):.3f}"
+                  f"  slots x{r['slots'] / base['slots']:.3f}"
                   f"  RSS x{r['peak_rss_mib'] / base['peak_rss_mib']:.3f}", flush=True)
             series.setdefault(mode, []).append(
                 (n, (r["weights"] + r["weight_shards"] + r["slots"] + r["grad_buffers"]) / mib))

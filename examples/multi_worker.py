@@ -86,10 +86,14 @@ def main():
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--crash-worker", type=int, default=None)
     parser.add_argument("--crash-epoch", type=int, default=None)
+    parser.add_argument("--strategy-stage", type=int, default=2,
+                        help="3: create the weights sharded (every weight, threshold 0); "
+                             "configs then use stage 3")
     args = parser.parse_args()
 
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=args.timeout)
-    strategy = tf_zero.ZeroStrategy(communication_options=options)
+    strategy = tf_zero.ZeroStrategy(stage=args.strategy_stage, persistence_threshold=0,
+                                    communication_options=options)
     task = strategy.cluster_resolver.task_id or 0
     print(f"worker {task}: {strategy.num_replicas_in_sync} replicas in sync", flush=True)
     for text in args.configs:

@@ -24,13 +24,27 @@ def test_memory_quick(tmp_path):
     assert lines and "slots x0.500" in lines[0]
 
 
+def test_memory_quick_stage3():
+    # 400 x 400 = 160,000 weights: above the default persistence threshold.
+    out = run("memory.py", "--hidden", "400", "--replicas", "2", "--modes", "mirrored",
+              "stage3", "--steps", "1")
+    line = [line for line in out.splitlines() if "stage3" in line][0]
+    state = float(line.split("state x")[1].split()[0])
+    assert 0.5 < state < 0.6, line  # biases and the 64x400 input layer stay replicated
+
+
 def test_step_time_quick(tmp_path):
     out = run("step_time.py", "--params", "1e5", "--replicas", "2", "--epochs", "2",
               "--steps", "3", "--plot", str(tmp_path / "s.png"))
-    assert "stage2: median step" in out and "of mirrored" in out
+    assert "stage2: median step" in out and "stage3: median step" in out
 
 
-@pytest.mark.parametrize("mode", ["stage2"])
+def test_depth_peak_quick():
+    out = run("depth_peak.py", "--depths", "2", "4", "--width", "64")
+    assert "recompute" in out and "no recompute" in out
+
+
+@pytest.mark.parametrize("mode", ["stage2", "stage3"])
 def test_max_model_quick(mode):
     out = run("max_model.py", "--budget-gib", "6", "--replicas", "2", "--steps", "0",
               "--start", "64", "--max-width", "128", "--modes", mode)

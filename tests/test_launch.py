@@ -68,6 +68,22 @@ def test_two_workers_match_one_process(tmp_path):
             np.testing.assert_allclose(a, ref, atol=1e-6, err_msg=config)
 
 
+def test_stage3_two_workers_match_one_process(tmp_path):
+    """Sharded weights across 2 workers x 2 logical CPUs == stage 2 in one process."""
+    configs = ["adam:3", "sgd:3:2"]
+    status, out, pids = launch(["--workers", "2", "--devices-per-worker", "2", "--timeout", "280",
+                                EXAMPLE, "--epochs", "2", "--out", str(tmp_path),
+                                "--strategy-stage", "3", "--configs", *configs])
+    assert status == 0, out[-4000:]
+    assert_all_stopped(pids)
+    for config in configs:
+        w0, w1 = load(tmp_path, config, 0), load(tmp_path, config, 1)
+        reference = one_process(config.replace(":3", ":2", 1), epochs=2)
+        for a, b, ref in zip(w0, w1, reference):
+            np.testing.assert_array_equal(a, b)  # both workers save the full weights
+            np.testing.assert_allclose(a, ref, atol=1e-6, err_msg=config)
+
+
 def test_killed_worker_resumes_from_backup(tmp_path):
     backup, out = tmp_path / "backup", tmp_path / "out"
     common = ["--workers", "2", "--devices-per-worker", "2", "--timeout", "200", EXAMPLE,
