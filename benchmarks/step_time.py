@@ -1,7 +1,7 @@
-"""Median fit step time: MirroredStrategy vs ZeRO stage 1 vs stage 2.
+"""Median fit step time: MirroredStrategy vs ZeRO stages 1, 2 and 3.
 
-All three models live in one process on the same N replicas and data; their
-epochs are interleaved (mirrored, stage1, stage2, mirrored, ...) so machine
+All models live in one process on the same N replicas and data; their
+epochs are interleaved (mirrored, stage1, stage2, stage3, mirrored, ...) so machine
 noise hits them alike. The first epoch of each (tracing, warm-up) is
 excluded; the median over the remaining steps is reported, with ratios.
 

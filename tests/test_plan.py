@@ -85,3 +85,15 @@ def test_plan_rejects_bad_input(kwargs, match):
 def test_empty_plan():
     plan = plan_shards([], [], 4, 64)
     assert plan.buckets == () and plan.total_elements == 0
+
+
+def test_alone_variables_get_a_bucket_each():
+    """A stage-3 weight's bucket is exactly its storage: one segment, ceil(P/N) per shard."""
+    plan = plan_shards([(3, 2), (5,), (7,), (2,)], ["float32"] * 4, 4, 1024,
+                       alone=[False, True, False, False])
+    assert [[s.variable for s in b.segments] for b in plan.buckets] == [[0], [1], [2, 3]]
+    assert plan.buckets[1].shard_size == 2 and plan.buckets[1].padding == 3
+    big = plan_shards([(1000,)], ["float32"], 3, 1024, alone=[True])  # beyond bucket size
+    assert len(big.buckets) == 1 and big.buckets[0].shard_size == 334
+    with pytest.raises(ValueError, match="alone"):
+        plan_shards([(2,)], ["float32"], 2, 1024, alone=[True, False])

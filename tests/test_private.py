@@ -62,3 +62,31 @@ def test_plain_keras_optimizers_keep_their_tf_update_path():
     assert not getattr(opt, "_tf_zero_local_update", False)
     _private.mark_local_update(opt)
     assert opt._tf_zero_local_update
+
+
+def test_layer_adding_weight_finds_the_layer_and_autocast():
+    seen = []
+
+    def creator(next_creator, **kwargs):
+        seen.append(_private.layer_adding_weight())
+        return next_creator(**kwargs)
+
+    layer = keras.layers.LayerNormalization()  # gamma and beta: autocast=False
+    dense = keras.layers.Dense(2)
+    with tf.variable_creator_scope(creator):
+        layer.build((None, 3))
+        dense.build((None, 3))
+        keras.Variable(np.zeros(2, "float32"))  # no layer
+    assert seen[:2] == [(layer, False)] * 2
+    assert seen[2:4] == [(dense, True)] * 2
+    assert seen[4] == (None, True)
+
+
+def test_autocast_scope_and_save_context():
+    assert _private.autocast_dtype() is None
+    with _private.autocast_scope("float16"):
+        assert _private.autocast_dtype() == "float16"
+    assert _private.autocast_dtype() is None
+    assert not _private.in_save_context()
+    with tf.Graph().as_default(), _private.eager_mode():
+        assert tf.executing_eagerly()
