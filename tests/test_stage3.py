@@ -1,5 +1,6 @@
 """Stage 3: sharded weights train like unsharded ones, at 1/N of the memory."""
 
+import contextlib
 import gc
 
 import keras
@@ -56,7 +57,7 @@ def token_data(n=96, seed=0):
 
 
 def compiled(strategy, make_opt, zero=True, make_model=layered_model):
-    with strategy.scope() if strategy is not None else _null():
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = make_model()
         opt = make_opt()
         model.compile(optimizer=tf_zero.ZeroOptimizer(opt) if zero else _densified(opt),
@@ -80,14 +81,6 @@ def _densified(opt):
 
     opt.apply = dense_apply
     return opt
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def fit_dense(model, epochs=2, initial_epoch=0):

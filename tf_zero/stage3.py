@@ -341,10 +341,11 @@ def _create_sharded(strategy, config, next_creator, kwargs):
     flat = np.zeros([shard_size * n], full.dtype.as_numpy_dtype)
     flat[:size] = full.numpy().reshape(-1)
     name = kwargs.get("name") or "sharded"
+    shape, dtype = full.shape, full.dtype
     shard_kwargs = dict(kwargs)
     shard_kwargs.update(
-        initial_value=lambda: tf.zeros([shard_size], full.dtype), shape=None,
-        dtype=full.dtype, trainable=True,
+        initial_value=lambda: tf.zeros([shard_size], dtype), shape=None,
+        dtype=dtype, trainable=True,
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     shard = next_creator(**shard_kwargs)
@@ -352,7 +353,6 @@ def _create_sharded(strategy, config, next_creator, kwargs):
     for rank, comp in zip(ranks, _private.components(shard)):
         # A copy, not a slice of `flat`: a slice would keep the full buffer.
         comp.assign(np.array(flat[rank * shard_size:(rank + 1) * shard_size]))
-    shape, dtype = full.shape, full.dtype
     del flat, full
     if layer is not None and config.recompute:
         _recompute_layer(layer)
