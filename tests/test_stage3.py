@@ -412,3 +412,29 @@ def test_step_peak_does_not_grow_with_depth():
     # Without recompute every gathered weight lives until backward: the test
     # can tell the difference.
     assert without[16] - without[8] > 8 * 4 * layer_bytes * 0.75
+
+
+@pytest.mark.parametrize("prefetch_depth, distinct", [(1, 4), (2, 3), (8, 1)])
+def test_gathers_wait_for_the_prefetch_window(prefetch_depth, distinct):
+    """The shard read of layer i waits for the input of layer i - depth + 1."""
+    strategy = zero_strategy(2, stage=3, persistence_threshold=0, prefetch_depth=prefetch_depth)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,))] + [
+            keras.layers.Dense(4, use_bias=False) for _ in range(4)])
+
+    @tf.function
+    def forward(x):
+        return strategy.run(lambda xr: model(xr, training=True), args=(x,))
+
+    graph = forward.get_concrete_function(tf.TensorSpec([2, 4], tf.float32)).graph
+    waits = {}
+    for op in graph.get_operations():
+        if op.type == "ReadVariableOp" and op.control_inputs:
+            waits.setdefault(op.device, set()).update(c.name for c in op.control_inputs)
+    assert len(waits) == 2  # both replicas
+    for names in waits.values():
+        # depth 1: each layer waits for its own input (4 distinct); depth 2:
+        # layers 0 and 1 wait for the model input, then one each; depth >= 4:
+        # everything may be gathered up front.
+        assert len(names) == distinct, names

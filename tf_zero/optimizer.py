@@ -29,7 +29,7 @@ def _dense(grad):
 
 @keras.saving.register_keras_serializable(package="tf_zero")
 class ZeroOptimizer(keras.optimizers.Optimizer):
-    """ZeRO stage 1/2 around any element-wise Keras optimizer.
+    """ZeRO stages 1-3 around any element-wise Keras optimizer.
 
     On each step, in replica context, the local gradients are laid into flat
     buckets following a `tf_zero.plan.ShardPlan` and reduce-scattered, so each
@@ -40,6 +40,12 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     slice with slot variables that exist only for the slice, and the updated
     slices are all-gathered back into every replica's model weights, which
     stay bitwise identical across replicas and remain the source of truth.
+
+    Stage 3 weights (created sharded under `ZeroStrategy(stage=3).scope()`,
+    see `tf_zero.stage3`) arrive with gradients that the backward pass has
+    already reduce-scattered: each is a bucket of its own whose shard is the
+    weight's storage, so the inner optimizer updates it in place and nothing
+    is all-gathered after the step.
 
     With no distribution strategy (or a single-replica one that is not a
     collective strategy) the wrapper delegates to the inner optimizer and
@@ -55,7 +61,10 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: a Keras optimizer (SGD, Adam, AdamW, ...). If it was
             created outside `strategy.scope()` and has not been built, it is
             re-created under the scope from its config on `build`.
-        stage: 1 or 2; default: the strategy's stage (a `ZeroStrategy`), else 1.
+        stage: 1, 2 or 3; default: the strategy's stage (a `ZeroStrategy`),
+            else 1. Weights created sharded by `ZeroStrategy(stage=3)` are
+            updated in place whatever the stage; `stage=3` on a model
+            without sharded weights is an error.
         bucket_size_bytes: default: the strategy's, else 8 MiB.
         name: optimizer name.
 

@@ -156,7 +156,7 @@ class ShardedVariable:
     def numpy(self):
         return self.full_value().numpy()
 
-    def __array__(self, dtype=None):
+    def __array__(self, dtype=None, copy=None):
         return np.asarray(self.numpy(), dtype=dtype)
 
     # ---- the full value, outside replica context ------------------------
