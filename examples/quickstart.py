@@ -1,4 +1,4 @@
-"""Quickstart: model.fit with ZeRO stage 2 on 4 replicas.
+"""Quickstart: model.fit with ZeRO stage 2 (or --stage 1 or 3) on 4 replicas.
 
 Runs on all local GPUs when there are any, else on 4 logical CPU devices.
 Prints the loss, tf_zero's per-replica memory report, and the same model's
@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    parser.add_argument("--stage", type=int, default=2, choices=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=2048)
     return parser.parse_args()
@@ -94,6 +94,8 @@ def main():
     print(plain_report)
     ratio = zero_report.max_replica.slots / plain_report.max_replica.slots
     print(f"optimizer slots per replica, ZeRO / MirroredStrategy: {ratio:.3f}")
+    state = zero_report.max_replica.total / plain_report.max_replica.total
+    print(f"weights + shards + slots per replica, ZeRO / MirroredStrategy: {state:.3f}")
 
 
 if __name__ == "__main__":

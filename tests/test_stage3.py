@@ -438,3 +438,20 @@ def test_gathers_wait_for_the_prefetch_window(prefetch_depth, distinct):
         # layers 0 and 1 wait for the model input, then one each; depth >= 4:
         # everything may be gathered up front.
         assert len(names) == distinct, names
+
+
+def test_keras_file_of_a_stage3_model_loads_anywhere(tmp_path):
+    """model.save(.keras) at stage 3 -> load_model with no strategy and at stage 3 / N=2."""
+    model = fit_dense(compiled(stage3(4), OPTIMIZERS["adam"], make_model=mlp), epochs=1)
+    model.save(str(tmp_path / "m.keras"))
+    plain = keras.models.load_model(str(tmp_path / "m.keras"))
+    assert max_weight_diff(plain.get_weights(), model.get_weights()) == 0
+    for ours, theirs in zip(model.optimizer.variables, plain.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(ours.numpy()), np.asarray(theirs.numpy()))
+    with stage3(2).scope():
+        again = keras.models.load_model(str(tmp_path / "m.keras"))
+    assert all(tf_zero.is_sharded(v) for v in again.trainable_variables)
+    assert max_weight_diff(again.get_weights(), model.get_weights()) == 0
+    fit_dense(again, epochs=1, initial_epoch=1)
+    fit_dense(plain, epochs=1, initial_epoch=1)
+    assert max_weight_diff(again.get_weights(), plain.get_weights()) < 1e-6
