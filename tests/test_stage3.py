@@ -414,10 +414,12 @@ def test_step_peak_does_not_grow_with_depth():
     assert without[16] - without[8] > 8 * 4 * layer_bytes * 0.75
 
 
-@pytest.mark.parametrize("prefetch_depth, distinct", [(1, 4), (2, 3), (8, 1)])
-def test_gathers_wait_for_the_prefetch_window(prefetch_depth, distinct):
+@pytest.mark.parametrize("prefetch_depth, distinct, recompute",
+                         [(1, 4, True), (2, 3, True), (8, 1, True), (1, 4, False)])
+def test_gathers_wait_for_the_prefetch_window(prefetch_depth, distinct, recompute):
     """The shard read of layer i waits for the input of layer i - depth + 1."""
-    strategy = zero_strategy(2, stage=3, persistence_threshold=0, prefetch_depth=prefetch_depth)
+    strategy = zero_strategy(2, stage=3, persistence_threshold=0, prefetch_depth=prefetch_depth,
+                             recompute=recompute)
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,))] + [
@@ -455,3 +457,39 @@ def test_keras_file_of_a_stage3_model_loads_anywhere(tmp_path):
     fit_dense(again, epochs=1, initial_epoch=1)
     fit_dense(plain, epochs=1, initial_epoch=1)
     assert max_weight_diff(again.get_weights(), plain.get_weights()) < 1e-6
+
+
+def test_stage3_with_nothing_above_the_threshold_warns_and_trains():
+    strategy = zero_strategy(2, stage=3)  # default threshold: 100,000 elements
+    with pytest.warns(UserWarning, match="persistence_threshold"):
+        model = fit_dense(compiled(strategy, OPTIMIZERS["adam"], make_model=mlp), epochs=1)
+    reference = fit_dense(compiled(zero_strategy(2, stage=2), OPTIMIZERS["adam"],
+                                   make_model=mlp), epochs=1)
+    assert max_weight_diff(model.get_weights(), reference.get_weights()) == 0
+
+
+class _Bilinear(keras.layers.Layer):
+    """Owns a kernel and takes two float inputs (the second by keyword)."""
+
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(shape[-1], 3), initializer="glorot_uniform")
+
+    def call(self, x, other=None):
+        return tf.matmul(x, self.kernel) * other
+
+
+def _two_input_model():
+    keras.utils.set_random_seed(5)
+    x = keras.Input((8,))
+    h = keras.layers.Dense(3)(x)  # its gradient flows only through `other`
+    out = _Bilinear()(x, other=h)
+    return keras.Model(x, out)
+
+
+def test_recompute_passes_gradients_to_every_float_argument():
+    model = fit_dense(compiled(stage3(2), OPTIMIZERS["adam"], make_model=_two_input_model),
+                      epochs=1)
+    assert all(tf_zero.is_sharded(v) for v in model.trainable_variables)
+    reference = fit_dense(compiled(mirrored_strategy(2), OPTIMIZERS["adam"], zero=False,
+                                   make_model=_two_input_model), epochs=1)
+    assert_weights_close(model.get_weights(), reference.get_weights())

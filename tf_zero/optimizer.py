@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 
 import keras
 import numpy as np
@@ -263,7 +264,15 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         model_vars = self._model_variables
         n = strategy.num_replicas_in_sync
         owned = [stage3.is_sharded(v) for v in model_vars]
-        if self._zero_config.stage == 3 and not any(owned):
+        if self._zero_config.stage == 3 and not any(owned) and getattr(
+                strategy, "stage", None) == 3:
+            warnings.warn(
+                "ZeroStrategy(stage=3): no trainable weight of this model has "
+                f"persistence_threshold={strategy.zero_config.persistence_threshold} "
+                "elements or more, so none is sharded and training proceeds as "
+                "stage 2. Lower persistence_threshold to shard smaller weights.",
+                stacklevel=3)
+        elif self._zero_config.stage == 3 and not any(owned):
             raise ValueError(
                 "ZeroOptimizer at stage 3 found no sharded weights: stage 3 shards "
                 "weights when they are created, so build the model under "

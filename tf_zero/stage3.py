@@ -354,8 +354,8 @@ def _create_sharded(strategy, config, next_creator, kwargs):
         # A copy, not a slice of `flat`: a slice would keep the full buffer.
         comp.assign(np.array(flat[rank * shard_size:(rank + 1) * shard_size]))
     del flat, full
-    if layer is not None and config.recompute:
-        _recompute_layer(layer)
+    if layer is not None:
+        _wrap_layer_call(layer)
     return ShardedVariable(shard, shape, dtype, name, strategy, config, layer, autocast)
 
 
@@ -401,20 +401,17 @@ class _Pending:
         _window.pending = self._saved
 
 
-def _recompute_layer(layer):
-    if getattr(layer, "_tf_zero_recomputed", False):
+def _wrap_layer_call(layer):
+    """Routes the calls of a layer that owns sharded weights through `_ordered_call`."""
+    if getattr(layer, "_tf_zero_wrapped", False):
         return
     original = layer.call
 
     def call(*args, **kwargs):
-        return _recomputed_call(layer, original, args, kwargs)
+        return _ordered_call(layer, original, args, kwargs)
 
     object.__setattr__(layer, "call", call)
-    object.__setattr__(layer, "_tf_zero_recomputed", True)
-
-
-def _owns_sharded(layer):
-    return any(is_sharded(v) for v in layer._trainable_variables)
+    object.__setattr__(layer, "_tf_zero_wrapped", True)
 
 
 def _recomputable(layer):
@@ -423,7 +420,8 @@ def _recomputable(layer):
     return not layer.non_trainable_weights and not getattr(layer, "_seed_generators", None)
 
 
-def _recomputed_call(layer, original, args, kwargs):
+def _ordered_call(layer, original, args, kwargs):
+    """The layer's call with its gathers in the prefetch window, recomputed if allowed."""
     strategy = None
     for v in layer._trainable_variables:
         storage = _private.sharded_storage(v)
@@ -433,23 +431,32 @@ def _recomputed_call(layer, original, args, kwargs):
     if (strategy is None or not _replica_context_of(strategy) or tf.executing_eagerly()
             or not args or not isinstance(args[0], tf.Tensor)):
         return original(*args, **kwargs)
-    x, rest = args[0], args[1:]
-    deps = _window.enter_layer(x, config.prefetch_depth)
-    if not _recomputable(layer) or not x.dtype.is_floating:
-        # (An integer input, e.g. Embedding's ids: backward needs only the
+    deps = _window.enter_layer(args[0], config.prefetch_depth)
+    flat = tf.nest.flatten((args, kwargs))
+    # Every float tensor argument goes through recompute_grad explicitly: a
+    # tensor it only captured would get no gradient.
+    positions = [i for i, t in enumerate(flat)
+                 if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+    opaque = any(isinstance(t, tf.__internal__.CompositeTensor) for t in flat)
+    if not config.recompute or not _recomputable(layer) or not positions or opaque:
+        # (Integer inputs only, e.g. Embedding's ids: backward needs just the
         # ids, so the gathered table is freed after the forward pass anyway.)
         with _Pending(deps):
             return original(*args, **kwargs)
     compute = _private.autocast_dtype()
     calls = []
 
-    def forward(inputs):
+    def forward(*tensors):
         # First call: the forward pass. Later calls: the recompute in the
-        # backward pass, whose input TensorFlow ties to the output gradient,
+        # backward pass, whose inputs TensorFlow ties to the output gradient,
         # so gathering again waits for that gradient.
-        gather_after = deps if not calls else [inputs]
+        gather_after = deps if not calls else [tensors[0]]
         calls.append(None)
+        items = list(flat)
+        for i, t in zip(positions, tensors):
+            items[i] = t
+        call_args, call_kwargs = tf.nest.pack_sequence_as((args, kwargs), items)
         with _Pending(gather_after), _private.autocast_scope(compute):
-            return original(inputs, *rest, **kwargs)
+            return original(*call_args, **call_kwargs)
 
-    return tf.recompute_grad(forward)(x)
+    return tf.recompute_grad(forward)(*[flat[i] for i in positions])
