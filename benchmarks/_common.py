@@ -38,7 +38,7 @@ def make_model(hidden, inputs=64, outputs=10, layers=3):
     return keras.Sequential(stack)
 
 
-def make_strategy_and_model(mode, devices, hidden, lr=1e-3):
+def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3):
     import keras
 
     import tf_zero
@@ -49,7 +49,7 @@ def make_strategy_and_model(mode, devices, hidden, lr=1e-3):
     else:
         strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]))
     with strategy.scope():
-        model = make_model(hidden)
+        model = make_model(hidden, layers=layers)
         opt = keras.optimizers.Adam(lr)
         if mode != "mirrored":
             opt = tf_zero.ZeroOptimizer(opt)

@@ -411,7 +411,7 @@ def test_step_peak_does_not_grow_with_depth():
     assert with_recompute[16] - with_recompute[8] < 2 * 4 * layer_bytes
     # Without recompute every gathered weight lives until backward: the test
     # can tell the difference.
-    assert without[16] - without[8] > 8 * 4 * layer_bytes * 0.75
+    assert without[16] - without[8] > 8 * 4 * layer_bytes * 0.5  # 8 more layers x 4 replicas
 
 
 @pytest.mark.parametrize("prefetch_depth, distinct, recompute",
