@@ -255,11 +255,12 @@ def test_accumulation_clipping_weight_decay_match_stage2():
     assert max_weight_diff(sharded.get_weights(), reference.get_weights()) < 1e-6
 
 
-def test_constraint_sees_the_full_weight():
+def test_constraint_and_regularizer_see_the_full_weight():
     def make():
         keras.utils.set_random_seed(1)
         return keras.Sequential([
-            keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 8),
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(20, 8, embeddings_regularizer=keras.regularizers.L2(0.01)),
             keras.layers.Flatten(),
             keras.layers.Dense(3, kernel_constraint=keras.constraints.MaxNorm(0.3))])
 
@@ -493,3 +494,49 @@ def test_recompute_passes_gradients_to_every_float_argument():
     reference = fit_dense(compiled(mirrored_strategy(2), OPTIMIZERS["adam"], zero=False,
                                    make_model=_two_input_model), epochs=1)
     assert_weights_close(model.get_weights(), reference.get_weights())
+
+
+class _LossyDense(keras.layers.Dense):
+    def call(self, x):
+        out = super().call(x)
+        self.add_loss(0.01 * tf.reduce_sum(tf.square(out)))
+        return out
+
+
+def test_a_loss_added_inside_a_recomputed_layer_is_refused():
+    def make():
+        keras.utils.set_random_seed(2)
+        return keras.Sequential([keras.Input((8,)), _LossyDense(3)])
+
+    x, y = regression_data()
+    model = compiled(stage3(2), OPTIMIZERS["sgd"], make_model=make)
+    with pytest.raises(ValueError, match="recompute=False"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    model = fit_dense(compiled(stage3(2, recompute=False), OPTIMIZERS["sgd"], make_model=make),
+                      epochs=1)
+    reference = fit_dense(compiled(mirrored_strategy(2), OPTIMIZERS["sgd"], zero=False,
+                                   make_model=make), epochs=1)
+    assert_weights_close(model.get_weights(), reference.get_weights())
+
+
+def test_layers_with_random_sublayers_are_not_recomputed():
+    class Block(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.dropout = keras.layers.Dropout(0.5, seed=1)
+
+        def build(self, shape):
+            self.kernel = self.add_weight(shape=(shape[-1], 3))
+
+        def call(self, x, training=None):
+            return self.dropout(tf.matmul(x, self.kernel), training=training)
+
+    with stage3(2).scope():
+        block = Block()
+        block.build((None, 8))
+    assert tf_zero.is_sharded(block.kernel)
+    assert not tf_zero.stage3._recomputable(block)
+    with stage3(2).scope():
+        plain = keras.layers.Dense(3)
+        plain.build((None, 8))
+    assert tf_zero.stage3._recomputable(plain)

@@ -220,8 +220,10 @@ class ShardedVariable:
         size, shape = self.size, self._shape
         padded = self.shard_size * self.num_shards
         gather_dtype = self._gather_dtype()
-        reduce_dtype = tf.as_dtype(self._config.reduce_dtype or "float32")
         shard_dtype = self._dtype
+        # float32 (or the variable's wider dtype) unless reduce_dtype says otherwise.
+        reduce_dtype = tf.as_dtype(self._config.reduce_dtype or (
+            shard_dtype if shard_dtype.size >= 4 else tf.float32))
         with tf.control_dependencies(_window.dependencies()):
             local = _private.local_component(self.shard).read_value()
 
@@ -262,7 +264,8 @@ class ShardedVariable:
 
     @property
     def _shared_name(self):
-        return self._export()._shared_name
+        # Checkpoints ask every variable for a name; answering must not gather.
+        return self._name
 
     def _export_to_saved_model_graph(self, object_map, tensor_map, options, **kwargs):
         with _private.eager_mode():
@@ -415,9 +418,14 @@ def _wrap_layer_call(layer):
 
 
 def _recomputable(layer):
-    # A call that writes state (BatchNormalization statistics, RNG seeds)
-    # must not run twice.
-    return not layer.non_trainable_weights and not getattr(layer, "_seed_generators", None)
+    # A call that writes state must not run twice: non_trainable_variables
+    # covers BatchNormalization statistics and the seed generators of the
+    # layer and its sublayers (Dropout), whose second draw would differ.
+    return not layer.non_trainable_variables
+
+
+def _added_losses(layer):
+    return sum(len(sub._losses) for sub in layer._flatten_layers())
 
 
 def _ordered_call(layer, original, args, kwargs):
@@ -445,6 +453,7 @@ def _ordered_call(layer, original, args, kwargs):
             return original(*args, **kwargs)
     compute = _private.autocast_dtype()
     calls = []
+    losses_before = _added_losses(layer)
 
     def forward(*tensors):
         # First call: the forward pass. Later calls: the recompute in the
@@ -459,4 +468,12 @@ def _ordered_call(layer, original, args, kwargs):
         with _Pending(gather_after), _private.autocast_scope(compute):
             return original(*call_args, **call_kwargs)
 
-    return tf.recompute_grad(forward)(*[flat[i] for i in positions])
+    outputs = tf.recompute_grad(forward)(*[flat[i] for i in positions])
+    if _added_losses(layer) != losses_before:
+        # recompute_grad runs the forward pass unrecorded: a loss added inside
+        # (add_loss, a sublayer's activity regularizer) would get no gradient.
+        raise ValueError(
+            f"Layer {layer.name} adds a loss inside its call, which stage 3 cannot "
+            "recompute without losing that loss's gradient. Create the model under "
+            "ZeroStrategy(stage=3, recompute=False).")
+    return outputs
