@@ -7,7 +7,8 @@ Two accountings:
   optimizer's float32 slots, and at stages 1-2 the replica's float32 weight
   shard that the inner optimizer updates. Stage 2 counts the persistent
   gradient as its shard (the full local gradient is transient, as at stage 1).
-  Stage 3 (weights sharded too) is the design target, not implemented yet.
+  Stage 3 shards the weights too (the gathered weights of the layers in
+  flight are transient and not counted).
 * "paper" — the ZeRO paper's accounting (Rajbhandari et al. 2019, Fig. 1):
   2 bytes of fp16 weights, 2 of fp16 gradients, K bytes of fp32 optimizer
   state (K=12 for mixed-precision Adam).
@@ -102,9 +103,8 @@ def main(argv=None):
     for stage in STAGES:
         e = estimate_memory(args.params, args.replicas, stage, args.optimizer,
                             args.accounting, args.k)
-        note = "  (planned)" if stage == 3 and args.accounting == "keras" else ""
         print(f"{stage:>5} {e.weights / 1e9:>10.2f} {e.gradients / 1e9:>10.2f} "
-              f"{e.optimizer_states / 1e9:>10.2f} {e.total / 1e9:>10.2f}{note}")
+              f"{e.optimizer_states / 1e9:>10.2f} {e.total / 1e9:>10.2f}")
     return 0
 
 
