@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 
@@ -5,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import devices, mlp, regression_data, zero_strategy
+from conftest import devices, mirrored_strategy, mlp, regression_data, zero_strategy
 from worker_procs import run_workers
 
 import tf_zero
@@ -74,3 +75,28 @@ def test_plain_keras_fit_fails_under_multi_worker_strategy(tmp_path):
     codes, outs = run_workers([script, "plain", str(tmp_path), "1"], 2, timeout=240)
     assert codes != [0, 0]
     assert any("PerReplica" in o and "Traceback" in o for o in outs)
+
+
+def test_batches_that_do_not_split_evenly_work():
+    """96 samples in batches of 32 over 3 replicas: per-replica parts of 11, 11, 10.
+
+    Keras builds the model from the first batch after all-reducing the data
+    across replicas, which fails for uneven parts (under a collective strategy
+    the failed collective would also poison every later one); ZeroStrategy
+    builds it from the first replica's part.
+    """
+    x, y = regression_data()
+    results = {}
+    for name, strategy in (("zero", zero_strategy(3)), ("none", None)):
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = mlp()
+            model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+        results[name] = (model.evaluate(x, y, batch_size=32, verbose=0),
+                         model.predict(x, batch_size=32, verbose=0))
+    assert results["zero"][0] == pytest.approx(results["none"][0], abs=1e-6)
+    np.testing.assert_allclose(results["zero"][1], results["none"][1], atol=1e-6)
+    with mirrored_strategy(3).scope():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(tf.errors.InvalidArgumentError):  # Keras' own behaviour
+        model.evaluate(x, y, batch_size=32, verbose=0)

@@ -381,3 +381,32 @@ def layer_adding_weight():
                 return owner, bool(frame.f_locals.get("autocast", True))
         frame = frame.f_back
     return None, True
+
+
+# Keras' TensorFlow trainer builds the model symbolically from the first batch
+# of fit/evaluate/predict, and to turn a distributed batch into one it
+# all-reduces the data (MEAN) across replicas: a batch that does not split
+# evenly over the replicas ([11, 11, 10] rows) then fails, and under a
+# collective strategy the failed collective poisons every later one. Only the
+# batch's structure and shapes matter there, so under a ZeroStrategy the first
+# local replica's part is used instead: no communication, no failure.
+from keras.src.backend.tensorflow import trainer as _keras_tf_trainer  # noqa: E402
+
+_keras_maybe_symbolic_build = _keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+
+
+def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    strategy = self._distribute_strategy
+    if iterator is None or strategy is None or not hasattr(strategy, "zero_config"):
+        return _keras_maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
+    for _, _, it in iterator:
+        data_batch = tf.nest.map_structure(
+            lambda v: (strategy.experimental_local_results(v)[0]
+                       if isinstance(v, tf.distribute.DistributedValues) else v),
+            next(it))
+        break
+    with strategy.scope():
+        self._symbolic_build(data_batch=data_batch)
+
+
+_keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
