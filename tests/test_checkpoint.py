@@ -201,20 +201,22 @@ def test_mismatched_checkpoints_raise(tmp_path, saved):
         model.load_weights(saved["h5"])
 
 
-def test_tf_zero_backup_and_restore_single_process(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_tf_zero_backup_and_restore_single_process(tmp_path, stage):
     from tf_zero.callbacks import BackupAndRestore
 
     with pytest.raises(ValueError, match="epoch ends only"):
         BackupAndRestore(str(tmp_path), save_freq=2)
     make = OPTIMIZERS["adam"]
-    reference = train(compiled(zero_strategy(2), make), epochs=3).get_weights()
+    strategy = zero_strategy(2, stage=stage, persistence_threshold=0)
+    reference = train(compiled(strategy, make), epochs=3).get_weights()
     backup = str(tmp_path / "b")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compiled(zero_strategy(2), make), epochs=3,
+        train(compiled(strategy, make), epochs=3,
               callbacks=[BackupAndRestore(backup), _Crash(epoch=1, batch=1)])
     assert sorted(__import__("os").listdir(backup)) == ["backup-000001.weights.h5",
                                                         "latest.json"]
-    resumed = train(compiled(zero_strategy(2), make), epochs=3,
+    resumed = train(compiled(strategy, make), epochs=3,
                     callbacks=[BackupAndRestore(backup)])
     assert max_weight_diff(resumed.get_weights(), reference) < 1e-6
 
