@@ -58,7 +58,7 @@ class UnshardedSlot(_private.Trackable):
             slot = self._bucket_slot(b)
             lo, hi = seg.offset, seg.offset + seg.size
             if multi_worker:
-                full = _gather_components(strategy, slot)
+                full = gather_components(strategy, slot)
                 parts.append(full[lo:hi])
                 continue
             comps = _private.components(slot)
@@ -110,7 +110,7 @@ class UnshardedSlot(_private.Trackable):
         return tf.no_op()
 
 
-def _gather_components(strategy, variable):
+def gather_components(strategy, variable):
     """All replicas' components of a per-replica variable, in rank order."""
     comps = _private.components(variable)
     offset = _private.local_replica_ranks(strategy)[0]

@@ -38,12 +38,12 @@ from __future__ import annotations
 import collections
 import math
 import threading
-import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private, collectives
+from tf_zero.sharded_state import gather_components
 
 
 def _replica_context_of(strategy):
@@ -69,14 +69,13 @@ class ShardedVariable:
         shard_size: `ceil(size / num_shards)`.
     """
 
-    def __init__(self, shard, shape, dtype, name, strategy, config, layer, autocast):
+    def __init__(self, shard, shape, dtype, name, strategy, config, autocast):
         self._tf_zero_shard = shard
         self._shape = tf.TensorShape(shape)
         self._dtype = tf.as_dtype(dtype)
         self._name = name
         self._strategy = strategy
         self._config = config
-        self._layer = weakref.ref(layer) if layer is not None else None
         self._autocast = autocast
         self.size = int(self._shape.num_elements())
         self.num_shards = strategy.num_replicas_in_sync
@@ -164,9 +163,7 @@ class ShardedVariable:
     def full_value(self) -> tf.Tensor:
         """Concatenation of every replica's shard, unpadded and reshaped."""
         if _private.in_multi_worker_mode(self._strategy):
-            from tf_zero.sharded_state import _gather_components
-
-            flat = _gather_components(self._strategy, self.shard)
+            flat = gather_components(self._strategy, self.shard)
         else:
             comps = _private.components(self.shard)
             parts = []
@@ -212,7 +209,7 @@ class ShardedVariable:
 
     def _gather_dtype(self):
         compute = _private.autocast_dtype()
-        if self._autocast and compute is not None and self._dtype.is_floating:
+        if self._autocast and compute is not None:
             return tf.as_dtype(compute)
         return self._dtype
 
@@ -276,7 +273,9 @@ class ShardedVariable:
         return resources
 
     def _write_object_proto(self, proto, options):
-        return self._export()._write_object_proto(proto, options)
+        # The export variable was refreshed by _export_to_saved_model_graph.
+        export = self._export_variable if self._export_variable is not None else self._export()
+        return export._write_object_proto(proto, options)
 
     def _copy_trackable_to_cpu(self, object_map):
         object_map[self] = tf.Variable(self.full_value())
@@ -326,7 +325,11 @@ def _should_shard(strategy, config, kwargs):
     shape = tf.TensorShape(shape)
     if not shape.is_fully_defined():
         return False
-    return shape.num_elements() >= max(config.persistence_threshold, 1)
+    return _above_threshold(shape.num_elements(), config)
+
+
+def _above_threshold(num_elements, config):
+    return num_elements >= max(config.persistence_threshold, 1)
 
 
 def _create_sharded(strategy, config, next_creator, kwargs):
@@ -334,32 +337,25 @@ def _create_sharded(strategy, config, next_creator, kwargs):
     with tf.init_scope(), tf.device("/cpu:0"):
         full = initial_value() if callable(initial_value) else initial_value
         full = tf.convert_to_tensor(full, dtype=kwargs.get("dtype"))
-    if full.shape.num_elements() < max(config.persistence_threshold, 1):
-        kwargs = dict(kwargs, initial_value=full)
-        return next_creator(**kwargs)
+    if not _above_threshold(full.shape.num_elements(), config):
+        return next_creator(**dict(kwargs, initial_value=full))
     layer, autocast = _private.layer_adding_weight()
-    n = strategy.num_replicas_in_sync
-    size = int(full.shape.num_elements())
-    shard_size = math.ceil(size / n)
-    flat = np.zeros([shard_size * n], full.dtype.as_numpy_dtype)
-    flat[:size] = full.numpy().reshape(-1)
-    name = kwargs.get("name") or "sharded"
-    shape, dtype = full.shape, full.dtype
+    shard_size = math.ceil(full.shape.num_elements() / strategy.num_replicas_in_sync)
     shard_kwargs = dict(kwargs)
     shard_kwargs.update(
-        initial_value=lambda: tf.zeros([shard_size], dtype), shape=None,
-        dtype=dtype, trainable=True,
+        initial_value=lambda: tf.zeros([shard_size], full.dtype), shape=None,
+        dtype=full.dtype, trainable=True,
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    shard = next_creator(**shard_kwargs)
-    ranks = _private.local_replica_ranks(strategy)
-    for rank, comp in zip(ranks, _private.components(shard)):
-        # A copy, not a slice of `flat`: a slice would keep the full buffer.
-        comp.assign(np.array(flat[rank * shard_size:(rank + 1) * shard_size]))
-    del flat, full
+    variable = ShardedVariable(next_creator(**shard_kwargs), full.shape, full.dtype,
+                               kwargs.get("name") or "sharded", strategy, config, autocast)
+    # assign() copies each replica's slice into its shard: no shard keeps a
+    # view of the full initial value alive.
+    with tf.init_scope():
+        variable.assign(full)
     if layer is not None:
         _wrap_layer_call(layer)
-    return ShardedVariable(shard, shape, dtype, name, strategy, config, layer, autocast)
+    return variable
 
 
 # ---- ordering of gathers and recompute -------------------------------------
