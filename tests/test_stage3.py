@@ -540,3 +540,18 @@ def test_layers_with_random_sublayers_are_not_recomputed():
         plain = keras.layers.Dense(3)
         plain.build((None, 8))
     assert tf_zero.stage3._recomputable(plain)
+
+
+def test_float64_weights_reduce_in_float64(monkeypatch):
+    """reduce_dtype=None: float32, or the weight's own wider dtype."""
+    scattered = []
+    real_scatter = collectives.reduce_scatter
+    monkeypatch.setattr(collectives, "reduce_scatter",
+                        lambda x, *a, **k: scattered.append(x.dtype) or real_scatter(x, *a, **k))
+    keras.mixed_precision.set_global_policy("float64")
+    try:
+        model = fit_dense(compiled(stage3(2), OPTIMIZERS["sgd"], make_model=mlp), epochs=1)
+        assert all(tf.as_dtype(v.dtype) == tf.float64 for v in model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert scattered and set(scattered) == {tf.float64}
