@@ -107,3 +107,16 @@ def test_eager_collectives_raise_instead_of_hanging():
     strategy = zero_strategy(2)
     with pytest.raises(RuntimeError, match="tf.function"):
         strategy.run(lambda: collectives.all_gather(tf.ones([2])))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_reduce_scatter_of_unknown_static_length(n):
+    """A tensor whose static length is lost (as a tied embedding's gradient's is)."""
+    def unknown_length(x):
+        x = tf.boolean_mask(x, tf.math.is_finite(x))
+        assert x.shape[0] is None
+        return collectives.reduce_scatter(x)
+
+    inputs = _inputs(n, tf.float32)
+    got = _run(zero_strategy(n), unknown_length, inputs, tf.float32)
+    np.testing.assert_allclose(np.concatenate(got), np.sum(inputs, axis=0), rtol=1e-6)

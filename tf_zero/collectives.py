@@ -61,7 +61,8 @@ def reduce_scatter(x: tf.Tensor, options=None) -> tf.Tensor:
     """Sums `x` over replicas; replica `r` receives slice `r` of the sum.
 
     Args:
-        x: 1-D tensor whose length is a multiple of the replica count.
+        x: 1-D tensor whose length is a multiple of the replica count (its
+            static length may be unknown; it is then checked when run).
         options: optional `tf.distribute.experimental.CommunicationOptions`.
 
     Returns:
@@ -70,18 +71,25 @@ def reduce_scatter(x: tf.Tensor, options=None) -> tf.Tensor:
     _check_1d(x, "reduce_scatter")
     n = _num_replicas()
     length = x.shape[0]
-    if length % n:
+    if length is None:
+        # Known only when the step runs: check it there.
+        length = tf.shape(x)[0]
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                length % n, 0, message=f"reduce_scatter needs a length divisible "
+                f"by {n} replicas; pad the input (the shard plan does).")]):
+            x = tf.identity(x)
+    elif length % n:
         raise ValueError(
             f"reduce_scatter needs a length divisible by {n} replicas, got "
             f"{length}; pad the input (the shard plan does).")
     if n == 1:
         return tf.identity(x)
+    shard = length // n
     strategy = tf.distribute.get_strategy()
     launcher = _private.collective_launcher(strategy)
     if launcher is None:
         ctx = tf.distribute.get_replica_context()
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, x, options=options)
-        shard = length // n
         return total[rank() * shard:(rank() + 1) * shard]
     _require_graph("reduce_scatter")
     params = _private.LaunchParams(launcher, options)
@@ -90,7 +98,7 @@ def reduce_scatter(x: tf.Tensor, options=None) -> tf.Tensor:
     # All-to-all moves data without arithmetic, so 16-bit types travel as
     # float16 bits (CPU kernels lack bfloat16) and are summed in float32.
     wire = x if x.dtype != tf.bfloat16 else tf.bitcast(x, tf.float16)
-    received = _private.raw_all_to_all(tf.reshape(wire, [n, length // n]), params)
+    received = _private.raw_all_to_all(tf.reshape(wire, [n, shard]), params)
     if x.dtype == tf.bfloat16:
         received = tf.bitcast(received, tf.bfloat16)
     if x.dtype in (tf.bfloat16, tf.float16):

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tf_zero import _private, collectives, loss_scale, sharded_state, stage3
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
+from tf_zero.flat import dense_flat
 from tf_zero.plan import ShardPlan, plan_shards
 
 # Optimizers whose update needs a whole tensor (a per-layer trust ratio,
@@ -20,12 +21,6 @@ WHOLE_TENSOR_OPTIMIZERS = ("Lamb", "Adafactor", "Muon")
 
 def _flat(x):
     return tf.reshape(x, [-1])
-
-
-def _dense(grad):
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.convert_to_tensor(grad)
-    return grad
 
 
 @keras.saving.register_keras_serializable(package="tf_zero")
@@ -267,10 +262,13 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         if self._zero_config.stage == 3 and not any(owned) and getattr(
                 strategy, "stage", None) == 3:
             warnings.warn(
-                "ZeroStrategy(stage=3): no trainable weight of this model has "
-                f"persistence_threshold={strategy.zero_config.persistence_threshold} "
-                "elements or more, so none is sharded and training proceeds as "
-                "stage 2. Lower persistence_threshold to shard smaller weights.",
+                "ZeroStrategy(stage=3): no trainable weight of this model is "
+                "sharded (none has persistence_threshold="
+                f"{strategy.zero_config.persistence_threshold} elements or more), "
+                "so the trainable weights are updated as at stage 2. Frozen "
+                "weights created under the scope are sharded all the same "
+                "(tf_zero.is_sharded tells which). Lower persistence_threshold "
+                "to shard smaller weights.",
                 stacklevel=3)
         elif self._zero_config.stage == 3 and not any(owned):
             raise ValueError(
@@ -487,7 +485,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                     f"Variable {v.path} was not known when ZeroOptimizer was "
                     "built. Build the optimizer on all trainable variables "
                     "(optimizer.build(model.trainable_variables)) before training.")
-            plan_grads[i] = g
+            plan_grads[i] = None if g is None else self._flat_gradient(i, g)
         missing = {i for i, g in enumerate(plan_grads) if g is None}
         if self._accumulation_steps > 1:
             _accumulation().apply_sharded(self, plan_grads, missing, loss_scaler)
@@ -556,6 +554,18 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 comp.assign(tf.where(keep, old, comp.read_value()))
         _private.local_component(inner.iterations).assign_add(1)
 
+    def _flat_gradient(self, i, grad):
+        """Variable `i`'s gradient, flat and dense, its length from the plan.
+
+        A stage-3 weight's gradient is its reduced shard; any other is the
+        local gradient of the whole variable.
+        """
+        var = self._model_variables[i]
+        if stage3.is_sharded(var):
+            ((b, _),) = self._plan.variable_segments(i)
+            return tf.reshape(tf.convert_to_tensor(grad), [self._plan.buckets[b].shard_size])
+        return dense_flat(grad, var.shape)
+
     def _shard_gradient(self, bucket, plan_grads):
         """This replica's summed gradient shard of one bucket."""
         if bucket.index in self._owned_buckets:
@@ -568,7 +578,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         g = plan_grads[bucket.segments[0].variable]
         if g is None:
             return tf.zeros([bucket.shard_size], bucket.dtype)
-        return tf.cast(_flat(_dense(g)), bucket.dtype)
+        return tf.cast(g, bucket.dtype)
 
     def _flat_bucket(self, bucket, plan_grads):
         """This replica's local gradients of one bucket, flat and padded."""
@@ -578,8 +588,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             if g is None:
                 parts.append(tf.zeros([seg.size], bucket.dtype))
             else:
-                parts.append(tf.cast(_flat(_dense(g))[seg.start:seg.start + seg.size],
-                                     bucket.dtype))
+                parts.append(tf.cast(g[seg.start:seg.start + seg.size], bucket.dtype))
         if bucket.padding:
             parts.append(tf.zeros([bucket.padding], bucket.dtype))
         return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]

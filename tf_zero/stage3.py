@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private, collectives
+from tf_zero.flat import dense_flat
 from tf_zero.sharded_state import gather_components
 
 
@@ -229,7 +230,7 @@ class ShardedVariable:
             full = collectives.all_gather(tf.cast(shard, gather_dtype))
 
             def grad(dfull):
-                flat = tf.cast(tf.reshape(dfull, [-1]), reduce_dtype)
+                flat = tf.cast(dense_flat(dfull, shape), reduce_dtype)
                 if padded > size:
                     flat = tf.concat([flat, tf.zeros([padded - size], reduce_dtype)], 0)
                 return tf.cast(collectives.reduce_scatter(flat), shard_dtype)
@@ -417,7 +418,8 @@ def _recomputable(layer):
     # A call that writes state must not run twice: non_trainable_variables
     # covers BatchNormalization statistics and the seed generators of the
     # layer and its sublayers (Dropout), whose second draw would differ.
-    return not layer.non_trainable_variables
+    # Frozen sharded weights (a LoRA base kernel) are read-only: no state.
+    return not [v for v in layer.non_trainable_variables if not is_sharded(v)]
 
 
 def _added_losses(layer):
