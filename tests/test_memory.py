@@ -51,3 +51,25 @@ def test_plain_optimizer_report_matches_unsharded_figure():
 def test_unbuilt_optimizer_is_refused():
     with pytest.raises(ValueError, match="built"):
         tf_zero.memory_report(tf_zero.ZeroOptimizer(keras.optimizers.SGD()))
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["mirrored", "stage3"])
+def test_frozen_weights_are_counted_when_the_model_is_given(zero):
+    strategy = (zero_strategy(4, stage=3, persistence_threshold=1000) if zero
+                else mirrored_strategy(4))
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256),
+                                  keras.layers.Dense(129)])
+        model.layers[0].trainable = False  # 64 x 256 kernel + 256 bias, frozen
+        opt = keras.optimizers.Adam()
+        opt = tf_zero.ZeroOptimizer(opt) if zero else opt
+        opt.build(model.trainable_variables)
+    frozen_bytes = 4 * (64 * 256 + 256)
+    assert tf_zero.memory_report(opt).max_replica.frozen_weights == 0
+    report = tf_zero.memory_report(opt, model=model)
+    assert report.unsharded.frozen_weights == frozen_bytes
+    # Sharded at stage 3: a quarter of the kernel, the small bias whole.
+    want = 4 * (64 * 256 // 4 + 256) if zero else frozen_bytes
+    assert all(r.frozen_weights == want for r in report.replicas), str(report)
+    assert "frozen" in str(report)

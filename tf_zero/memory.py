@@ -23,6 +23,10 @@ class ReplicaMemory:
             optimizer updates (0 when not sharded).
         slots: optimizer slot variables (momenta, velocities, ...).
         gradient_buffers: gradients kept between steps (accumulators).
+        frozen_weights: the model's non-trainable weights (a LoRA base model's
+            frozen kernels, BatchNormalization statistics); counted only when
+            `memory_report` is given the model. Frozen weights created under
+            `ZeroStrategy(stage=3).scope()` count as the replica's shards.
     """
 
     device: str
@@ -30,10 +34,12 @@ class ReplicaMemory:
     weight_shards: int = 0
     slots: int = 0
     gradient_buffers: int = 0
+    frozen_weights: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.weight_shards + self.slots + self.gradient_buffers
+        return (self.weights + self.weight_shards + self.slots + self.gradient_buffers
+                + self.frozen_weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +65,13 @@ class MemoryReport:
             return f"{b / 2**20:10.3f}"
 
         header = (f"{'device':<40}{'weights':>10}{'w-shards':>10}{'slots':>10}"
-                  f"{'grad-buf':>10}{'total':>10}  (MiB)")
+                  f"{'grad-buf':>10}{'frozen':>10}{'total':>10}  (MiB)")
         lines = [f"tf_zero memory report (stage {self.stage})", header]
         for r in self.replicas + (self.unsharded,):
             device = r.device.replace("/job:localhost/replica:0/task:0", "")
             lines.append(f"{device:<40}{mib(r.weights)}{mib(r.weight_shards)}"
-                         f"{mib(r.slots)}{mib(r.gradient_buffers)}{mib(r.total)}")
+                         f"{mib(r.slots)}{mib(r.gradient_buffers)}"
+                         f"{mib(r.frozen_weights)}{mib(r.total)}")
         return "\n".join(lines)
 
 
@@ -83,7 +90,7 @@ def _unwrap(optimizer):
     return optimizer
 
 
-def memory_report(optimizer) -> MemoryReport:
+def memory_report(optimizer, model=None) -> MemoryReport:
     """Measures the per-replica bytes of an optimizer's training state.
 
     Every figure is summed from the actual per-device components of the
@@ -94,6 +101,8 @@ def memory_report(optimizer) -> MemoryReport:
     Args:
         optimizer: a built `ZeroOptimizer` or Keras optimizer (a
             `LossScaleOptimizer` is looked through).
+        model: optional; its non-trainable weights are then counted too
+            (`frozen_weights`), e.g. the frozen base of a LoRA model.
 
     Returns:
         A `MemoryReport`.
@@ -146,6 +155,12 @@ def memory_report(optimizer) -> MemoryReport:
     for var in model_vars:
         for c in _private.components(var):
             _add(acc, c.device, "weights", _nbytes(c))
+    trained = {id(_private.tf_variable(v)) for v in model_vars}
+    frozen = [v for v in (model.weights if model is not None else [])
+              if id(_private.tf_variable(v)) not in trained]
+    for var in frozen:
+        for c in _private.components(var):
+            _add(acc, c.device, "frozen_weights", _nbytes(c))
     replicas = tuple(ReplicaMemory(device=d, **fields) for d, fields in sorted(acc.items()))
     first = replicas[0] if replicas else ReplicaMemory("none")
     if unsharded_slots is None:
@@ -153,7 +168,10 @@ def memory_report(optimizer) -> MemoryReport:
         unsharded_grads = first.gradient_buffers
     full_weights = sum(int(v.shape.num_elements()) * tf.as_dtype(v.dtype).size
                        for v in model_vars)
+    full_frozen = sum(int(v.shape.num_elements()) * tf.as_dtype(v.dtype).size
+                      for v in frozen)
     unsharded = ReplicaMemory(device="unsharded (per replica)", weights=full_weights,
-                              slots=unsharded_slots, gradient_buffers=unsharded_grads)
+                              slots=unsharded_slots, gradient_buffers=unsharded_grads,
+                              frozen_weights=full_frozen)
     return MemoryReport(stage=stage, replicas=replicas, unsharded=unsharded)
 
