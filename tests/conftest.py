@@ -1,6 +1,7 @@
 """Test setup: 4 logical CPU devices, shared strategies, small models."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's BFC allocator on CPU keeps the allocation statistics that
@@ -20,6 +21,10 @@ import pytest  # noqa: E402
 
 import tf_zero  # noqa: E402
 from tf_zero import _private  # noqa: E402
+
+# benchmarks/zoo.py: the models users train, shared with benchmarks/models.py.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+from zoo import densified  # noqa: E402,F401
 
 _zero_strategies = {}
 _mirrored_strategies = {}

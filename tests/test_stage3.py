@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import max_weight_diff, mirrored_strategy, mlp, regression_data, zero_strategy
+from conftest import (densified, max_weight_diff, mirrored_strategy, mlp, regression_data,
+                      zero_strategy)
 
 import tf_zero
 from tf_zero import _private, collectives
@@ -60,27 +61,9 @@ def compiled(strategy, make_opt, zero=True, make_model=layered_model):
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = make_model()
         opt = make_opt()
-        model.compile(optimizer=tf_zero.ZeroOptimizer(opt) if zero else _densified(opt),
+        model.compile(optimizer=tf_zero.ZeroOptimizer(opt) if zero else densified(opt),
                       loss="mse")
     return model
-
-
-def _densified(opt):
-    """The plain optimizer fed dense Embedding gradients.
-
-    tf_zero reduces an Embedding's IndexedSlices gradient densely (Adam then
-    sees the true gradient); Keras' sparse path treats repeated rows
-    separately. The reference gets the dense gradient, Adam's definition.
-    """
-    apply = opt.apply
-
-    def dense_apply(grads, trainable_variables=None):
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-                 for g in grads]
-        return apply(grads, trainable_variables)
-
-    opt.apply = dense_apply
-    return opt
 
 
 def fit_dense(model, epochs=2, initial_epoch=0):
@@ -138,7 +121,7 @@ def test_custom_loop_matches_unsharded():
         with strategy.scope():
             model = layered_model()
             opt = keras.optimizers.Adam(0.01)
-            opt = tf_zero.ZeroOptimizer(opt) if zero else _densified(opt)
+            opt = tf_zero.ZeroOptimizer(opt) if zero else densified(opt)
             opt.build(model.trainable_variables)
 
         @tf.function
