@@ -430,15 +430,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
             if not self.built:
-                if tf.distribute.in_cross_replica_context() or not tf.distribute.has_strategy():
-                    with keras.name_scope(self.name, caller=self):
-                        self.build(trainable_variables)
-                    self.built = True
-                else:
-                    raise RuntimeError(
-                        "Build ZeroOptimizer before the first distributed step: "
-                        "call optimizer.build(model.trainable_variables) under "
-                        "strategy.scope() (model.fit does this for you).")
+                self._build_on_first_apply(trainable_variables)
         if not self._sharded:
             if self._accumulation_steps > 1:
                 return _accumulation().apply_unsharded(self, grads, trainable_variables)
@@ -449,15 +441,36 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 "ZeroOptimizer.apply must be called in replica context: call it "
                 "from the function passed to strategy.run.")
-        if tf.executing_eagerly():
-            raise RuntimeError(
-                "ZeroOptimizer needs graph mode: drop run_eagerly=True from "
-                "model.compile (or wrap your custom step in tf.function).")
         if len(grads) != len(trainable_variables):
             raise ValueError(
                 f"got {len(grads)} gradients for {len(trainable_variables)} variables")
         with keras.name_scope(self.name, caller=self):
             self._sharded_apply(grads, trainable_variables, loss_scaler)
+
+    def _build_on_first_apply(self, variables):
+        """Builds on the first `apply`, as Keras optimizers do.
+
+        In replica context (the first `apply_gradients` inside `strategy.run`,
+        traced or eager) every replica reaches a `merge_call`, and the build
+        runs once, in cross-replica context and eagerly (`tf.init_scope`
+        lifts it out of the function being traced): the same plan, shards
+        and slots as `optimizer.build(variables)` under `strategy.scope()`.
+        """
+        def build():
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+            self.built = True
+
+        # merge_call would run it through AutoGraph inside a traced step.
+        @tf.autograph.experimental.do_not_convert
+        def build_in_cross_replica_context(strategy):
+            with tf.init_scope(), strategy.scope():
+                build()
+
+        if tf.distribute.in_cross_replica_context() or not tf.distribute.has_strategy():
+            build()
+        else:
+            tf.distribute.get_replica_context().merge_call(build_in_cross_replica_context)
 
     def _apply_scaled(self, loss_scale_optimizer, grads, trainable_variables):
         """Called by a wrapping `LossScaleOptimizer`; False: let it handle it.
