@@ -23,6 +23,11 @@ def _flat(x):
     return tf.reshape(x, [-1])
 
 
+def _read(variable):
+    # A Keras variable's value, or a raw tf.Variable's (Keras accepts both).
+    return variable.value if isinstance(variable, keras.Variable) else variable.read_value()
+
+
 @keras.saving.register_keras_serializable(package="tf_zero")
 class ZeroOptimizer(keras.optimizers.Optimizer):
     """ZeRO stages 1-3 around any element-wise Keras optimizer.
@@ -203,6 +208,15 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             return 0
         return sum(b.size * tf.as_dtype(b.dtype).size for b in self._plan.buckets)
 
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay."""
+        self._inner.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def _clip_gradients(self, grads):
+        # The inner optimizer's clipping of the given gradients; the step
+        # itself applies the same clipping to the reduced gradient.
+        return self._inner._clip_gradients(grads)
+
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
 
@@ -276,8 +290,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 "weights when they are created, so build the model under "
                 "tf_zero.ZeroStrategy(stage=3).scope() (weights smaller than "
                 "persistence_threshold stay replicated), or use stage=2.")
-        self._plan = plan_shards([tuple(v.shape) for v in model_vars],
-                                 [v.dtype for v in model_vars], n,
+        dtypes = [keras.backend.standardize_dtype(v.dtype) for v in model_vars]
+        self._plan = plan_shards([tuple(v.shape) for v in model_vars], dtypes, n,
                                  self._zero_config.bucket_size_bytes, alone=owned)
         self._owned_buckets = frozenset(
             b.index for b in self._plan.buckets if owned[b.segments[0].variable])
@@ -495,9 +509,11 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 if g is None or not v.trainable:
                     continue
                 raise ValueError(
-                    f"Variable {v.path} was not known when ZeroOptimizer was "
-                    "built. Build the optimizer on all trainable variables "
-                    "(optimizer.build(model.trainable_variables)) before training.")
+                    f"Variable {sharded_state.variable_path(v)} was not known when "
+                    "ZeroOptimizer was built (by optimizer.build or by the first "
+                    "apply_gradients). Build it on all trainable variables: call "
+                    "optimizer.build(model.trainable_variables) under strategy.scope() "
+                    "before training, or pass them all to the first apply_gradients.")
             plan_grads[i] = None if g is None else self._flat_gradient(i, g)
         missing = {i for i, g in enumerate(plan_grads) if g is None}
         if self._accumulation_steps > 1:
@@ -615,7 +631,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     def _read_weight_shard(self, bucket, pieces):
         parts = []
         for p in pieces:
-            value = self._model_variables[p.variable].value
+            value = _read(self._model_variables[p.variable])
             parts.append(_flat(value)[p.start:p.start + p.size])
         covered = sum(p.size for p in pieces)
         if covered < bucket.shard_size:
