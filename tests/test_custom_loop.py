@@ -7,6 +7,8 @@ debugging, without). With `ZeroStrategy` + `ZeroOptimizer` swapped in, the
 same loop must train as it does under `MirroredStrategy`.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -214,3 +216,112 @@ def test_run_eagerly_fit_matches_compiled_fit():
         assert model.optimizer.is_sharded
         weights.append(model.get_weights())
     assert max_weight_diff(*weights) < 1e-6
+
+
+# Keras' own distribution tests (keras/src/backend/tensorflow/
+# optimizer_distribute_test.py and distribute_test.py in the Keras wheel,
+# Apache 2.0), adapted: MirroredStrategy -> ZeroStrategy, SGD ->
+# ZeroOptimizer(SGD), one shared strategy instead of a context reset per test.
+# Like the originals they call strategy.run eagerly. At stage 3 every weight
+# is sharded and the gradients are given whole, by hand.
+# tests/keras_distribute_swap.py runs the unmodified files with the swap.
+KERAS_STAGES = {"stage2": {"stage": 2}, "stage3": {"stage": 3, "persistence_threshold": 0}}
+
+
+@pytest.fixture(params=sorted(KERAS_STAGES))
+def keras_strategy(request):
+    return zero_strategy(2, **KERAS_STAGES[request.param])
+
+
+def zero_sgd(**kwargs):
+    return tf_zero.ZeroOptimizer(keras.optimizers.SGD(**kwargs))
+
+
+def test_keras_single_step(keras_strategy):
+    strategy = keras_strategy
+    with strategy.scope():
+        optimizer = zero_sgd(learning_rate=0.5, momentum=0.06)
+        variable = tf.Variable([1.0, 2.0, 3.0, 4.0])  # a raw tf.Variable, as in Keras' test
+
+        def update():
+            grads = tf.constant([1.0, 6.0, 7.0, 2.0])
+            optimizer.apply_gradients(zip([grads], [variable]))
+
+        strategy.run(update)
+    np.testing.assert_allclose(variable.numpy(), [0.0, -4.0, -4.0, 2.0], rtol=1e-4, atol=1e-4)
+
+
+def test_keras_weight_decay(keras_strategy):
+    strategy = keras_strategy
+    with strategy.scope():
+        grads, var1, var2, var3 = (tf.zeros(()), keras.Variable(2.0),
+                                   keras.Variable(3.0, name="exclude"), keras.Variable(4.0))
+        optimizer_1 = zero_sgd(learning_rate=1.0, weight_decay=0.004)
+        strategy.run(lambda: optimizer_1.apply_gradients(zip([grads], [var1])))
+
+        optimizer_2 = zero_sgd(learning_rate=1.0, weight_decay=0.004)
+
+        def opt2_run():
+            optimizer_2.exclude_from_weight_decay(var_names=["exclude"])
+            optimizer_2.apply_gradients(zip([grads, grads], [var1, var2]))
+
+        strategy.run(opt2_run)
+
+        optimizer_3 = zero_sgd(learning_rate=1.0, weight_decay=0.004)
+
+        def opt3_run():
+            optimizer_3.exclude_from_weight_decay(var_list=[var3])
+            optimizer_3.apply_gradients(zip([grads, grads], [var1, var3]))
+
+        strategy.run(opt3_run)
+    assert float(var1.numpy()) == pytest.approx(1.9760959, abs=1e-7)
+    assert float(var2.numpy()) == pytest.approx(3.0, abs=1e-7)
+    assert float(var3.numpy()) == pytest.approx(4.0, abs=1e-7)
+
+
+def test_keras_correctness_with_golden(keras_strategy):
+    strategy = keras_strategy
+    with strategy.scope():
+        optimizer = zero_sgd(nesterov=True)
+        x = keras.Variable(np.ones([10]))
+
+        def update_grads():
+            grads = keras.ops.convert_to_tensor(np.arange(0.1, 1.1, 0.1))
+            optimizer.apply_gradients(zip([grads], [x]))
+
+        def update_first_grads():
+            first_grads = keras.ops.convert_to_tensor(np.full((10,), 0.01))
+            optimizer.apply_gradients(zip([first_grads], [x]))
+
+    golden = np.array([
+        [0.9980, 0.9960, 0.9940, 0.9920, 0.9900, 0.9880, 0.9860, 0.9840, 0.9820, 0.9800],
+        [0.9978, 0.9958, 0.9938, 0.9918, 0.9898, 0.9878, 0.9858, 0.9838, 0.9818, 0.9798],
+        [0.9976, 0.9956, 0.9936, 0.9916, 0.9896, 0.9876, 0.9856, 0.9836, 0.9816, 0.9796],
+        [0.9974, 0.9954, 0.9934, 0.9914, 0.9894, 0.9874, 0.9854, 0.9834, 0.9814, 0.9794],
+        [0.9972, 0.9952, 0.9932, 0.9912, 0.9892, 0.9872, 0.9852, 0.9832, 0.9812, 0.9792],
+    ])
+    assert tf_zero.is_sharded(x) == (strategy.zero_config.stage == 3)
+    strategy.run(update_grads)
+    for i in range(5):
+        np.testing.assert_allclose(x.numpy(), golden[i], rtol=5e-4, atol=5e-4)
+        strategy.run(update_first_grads)
+
+
+def test_keras_fit_with_regularizer_matches_no_strategy(keras_strategy):
+    batch_size = 12
+    x = keras.ops.ones((batch_size, 1))
+    y = keras.ops.zeros((batch_size, 1))
+    results = []
+    for strategy in (None, keras_strategy):
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            inputs = keras.layers.Input(shape=(1,))
+            layer = keras.layers.Dense(
+                1, use_bias=False, kernel_initializer=keras.initializers.Constant(1),
+                kernel_regularizer=keras.regularizers.L1L2(l1=0.01, l2=0.01))
+            model = keras.Model(inputs, layer(inputs))
+            model.compile(loss="mse", optimizer=zero_sgd())
+            history = model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+        results.append((history.history["loss"], layer.kernel.numpy()))
+    (want_loss, want_kernel), (loss, kernel) = results
+    assert loss == pytest.approx(want_loss, abs=1e-6)
+    np.testing.assert_allclose(kernel, want_kernel, atol=1e-6)

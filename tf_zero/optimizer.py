@@ -592,7 +592,17 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         var = self._model_variables[i]
         if stage3.is_sharded(var):
             ((b, _),) = self._plan.variable_segments(i)
-            return tf.reshape(tf.convert_to_tensor(grad), [self._plan.buckets[b].shard_size])
+            bucket = self._plan.buckets[b]
+            if isinstance(grad, tf.IndexedSlices) or (
+                    grad.shape == var.shape and bucket.shard_size != bucket.size):
+                # A gradient of the whole weight (given by hand, not by the
+                # gather's backward pass) is this replica's local gradient:
+                # reduce-scatter it like a stage-2 bucket of its own.
+                flat = tf.cast(dense_flat(grad, var.shape), bucket.dtype)
+                if bucket.padding:
+                    flat = tf.concat([flat, tf.zeros([bucket.padding], bucket.dtype)], 0)
+                return self._reduce_scatter_flat(flat)
+            return tf.reshape(tf.convert_to_tensor(grad), [bucket.shard_size])
         return dense_flat(grad, var.shape)
 
     def _shard_gradient(self, bucket, plan_grads):
