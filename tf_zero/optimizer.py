@@ -48,6 +48,13 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     weight's storage, so the inner optimizer updates it in place and nothing
     is all-gathered after the step.
 
+    The optimizer is built by `model.fit`, by `optimizer.build(variables)`
+    under `strategy.scope()`, or, as Keras optimizers are, by the first
+    `apply_gradients` (also inside `strategy.run`, traced or eager). Eager
+    steps (`strategy.run` without `tf.function`, `run_eagerly=True`) run
+    each collective in an internal `tf.function` and give the traced
+    numbers.
+
     With no distribution strategy (or a single-replica one that is not a
     collective strategy) the wrapper delegates to the inner optimizer and
     behaves exactly like it.
@@ -235,6 +242,27 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                           reduce_dtype=reduce_dtype)
 
     def build(self, var_list):
+        """Creates the shards and slots for `var_list`.
+
+        `model.fit` calls this, or `optimizer.build(variables)` under
+        `strategy.scope()`, or the first `apply_gradients`. Called in replica
+        context (the first `apply_gradients` inside `strategy.run`, traced or
+        eager, or a wrapping `LossScaleOptimizer`'s own build), every replica
+        reaches a `merge_call` and the build runs once, in cross-replica
+        context and eagerly (`tf.init_scope` lifts it out of a function being
+        traced): the same plan, shards and slots as an explicit build.
+        """
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            var_list = list(var_list)
+
+            # merge_call would run it through AutoGraph inside a traced step.
+            @tf.autograph.experimental.do_not_convert
+            def build_in_cross_replica_context(strategy):
+                with tf.init_scope(), strategy.scope():
+                    self.build(var_list)
+
+            return tf.distribute.get_replica_context().merge_call(
+                build_in_cross_replica_context)
         strategy = _private.strategy_of(var_list)
         if strategy is not None and not tf.distribute.has_strategy():
             with strategy.scope():  # built outside the scope, e.g. before load
@@ -260,12 +288,6 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             super().build(var_list)
             self._apply_pending_load()
             return
-        if tf.distribute.in_cross_replica_context() is False:
-            raise RuntimeError(
-                "ZeroOptimizer must be built in cross-replica context (Keras "
-                "does this in fit; in a custom loop call "
-                "optimizer.build(model.trainable_variables) under "
-                "strategy.scope() before the first step).")
         self._inner = _inner_in_scope(self._inner, strategy)
         self._checkpoint_items[0] = self._inner._iterations
         if isinstance(self._inner._learning_rate, keras.Variable):
@@ -443,8 +465,10 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         grads = list(grads)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
-            if not self.built:
-                self._build_on_first_apply(trainable_variables)
+            if not self.built:  # as Keras optimizers do (see `build`)
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
         if not self._sharded:
             if self._accumulation_steps > 1:
                 return _accumulation().apply_unsharded(self, grads, trainable_variables)
@@ -460,31 +484,6 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 f"got {len(grads)} gradients for {len(trainable_variables)} variables")
         with keras.name_scope(self.name, caller=self):
             self._sharded_apply(grads, trainable_variables, loss_scaler)
-
-    def _build_on_first_apply(self, variables):
-        """Builds on the first `apply`, as Keras optimizers do.
-
-        In replica context (the first `apply_gradients` inside `strategy.run`,
-        traced or eager) every replica reaches a `merge_call`, and the build
-        runs once, in cross-replica context and eagerly (`tf.init_scope`
-        lifts it out of the function being traced): the same plan, shards
-        and slots as `optimizer.build(variables)` under `strategy.scope()`.
-        """
-        def build():
-            with keras.name_scope(self.name, caller=self):
-                self.build(variables)
-            self.built = True
-
-        # merge_call would run it through AutoGraph inside a traced step.
-        @tf.autograph.experimental.do_not_convert
-        def build_in_cross_replica_context(strategy):
-            with tf.init_scope(), strategy.scope():
-                build()
-
-        if tf.distribute.in_cross_replica_context() or not tf.distribute.has_strategy():
-            build()
-        else:
-            tf.distribute.get_replica_context().merge_call(build_in_cross_replica_context)
 
     def _apply_scaled(self, loss_scale_optimizer, grads, trainable_variables):
         """Called by a wrapping `LossScaleOptimizer`; False: let it handle it.
