@@ -335,6 +335,24 @@ def test_keras_correctness_with_golden(keras_strategy):
         strategy.run(update_first_grads)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_stage3_whole_weight_gradients_given_by_hand_are_summed(traced):
+    strategy = zero_strategy(2, **KERAS_STAGES["stage3"])
+    with strategy.scope():
+        optimizer = zero_sgd(learning_rate=0.5)
+        weights = [keras.Variable(np.ones([3, 5], np.float32)), keras.Variable(2.0)]
+    assert all(tf_zero.is_sharded(w) for w in weights)
+
+    def update():
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        scale = tf.cast(replica + 1, tf.float32)  # 1 and 2: the sum is 3
+        optimizer.apply_gradients([(tf.fill(w.shape, scale), w) for w in weights])
+
+    (tf.function(lambda: strategy.run(update)) if traced else lambda: strategy.run(update))()
+    np.testing.assert_allclose(weights[0].numpy(), np.full([3, 5], 1 - 0.5 * 3))
+    np.testing.assert_allclose(weights[1].numpy(), 2 - 0.5 * 3)
+
+
 def test_keras_fit_with_regularizer_matches_no_strategy(keras_strategy):
     batch_size = 12
     x = keras.ops.ones((batch_size, 1))

@@ -593,7 +593,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             ((b, _),) = self._plan.variable_segments(i)
             bucket = self._plan.buckets[b]
             if isinstance(grad, tf.IndexedSlices) or (
-                    grad.shape == var.shape and bucket.shard_size != bucket.size):
+                    grad.shape == var.shape and tuple(var.shape) != (bucket.shard_size,)):
                 # A gradient of the whole weight (given by hand, not by the
                 # gather's backward pass) is this replica's local gradient:
                 # reduce-scatter it like a stage-2 bucket of its own.
