@@ -287,16 +287,6 @@ def test_inner_optimizer_with_state_outside_scope_is_refused():
             opt.build(model.trainable_variables)
 
 
-def test_run_eagerly_gives_a_clear_error():
-    x, y = regression_data()
-    with zero_strategy(2).scope():
-        model = mlp()
-        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.SGD()), loss="mse",
-                      run_eagerly=True)
-    with pytest.raises(RuntimeError, match="run_eagerly"):
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-
-
 @pytest.mark.parametrize("make, match", [
     (lambda: keras.optimizers.Lamb(), "Lamb"),
     (lambda: keras.optimizers.Adafactor(), "Adafactor"),

@@ -14,9 +14,18 @@ current strategy:
 
 Ranks follow `replica_id_in_sync_group`: shard `r` of a reduce-scatter goes to
 replica `r`, and an all-gather concatenates in replica order.
+
+Eagerly (`strategy.run` without `tf.function`, Keras' `run_eagerly=True`) a
+raw collective would hang: the strategy runs the replicas' Python threads one
+at a time, so the first replica would wait forever for the others. There, each
+collective leaves replica context through `merge_call` (every replica reaches
+it) and runs, for all replicas at once, inside a `tf.function` of its own.
 """
 
 from __future__ import annotations
+
+import functools
+import weakref
 
 import tensorflow as tf
 
@@ -34,13 +43,35 @@ def backend(strategy=None) -> str:
     return "all_to_all"
 
 
-def _require_graph(op_name):
-    if tf.executing_eagerly():
-        raise RuntimeError(
-            f"tf_zero.collectives.{op_name} must run inside tf.function: eager "
-            "collectives under strategy.run hang. With Keras, drop "
-            "run_eagerly=True from model.compile; in a custom loop, decorate "
-            "the function that calls strategy.run with @tf.function.")
+# {strategy: {(operation, options): tf.function running it on every replica}}
+_eager_functions = weakref.WeakKeyDictionary()
+
+
+def _eager_via_merge_call(operation):
+    """Runs `operation` through `merge_call` and a `tf.function` when eager."""
+
+    @functools.wraps(operation)
+    def run(x, options=None):
+        strategy = tf.distribute.get_strategy()
+        if (not tf.executing_eagerly() or _num_replicas() == 1
+                or _private.collective_launcher(strategy) is None):
+            return operation(x, options)
+        x = tf.convert_to_tensor(x)
+        return tf.distribute.get_replica_context().merge_call(
+            _run_on_every_replica, args=(operation, x, options))
+
+    return run
+
+
+def _run_on_every_replica(strategy, operation, x, options):
+    functions = _eager_functions.setdefault(strategy, {})
+    key = (operation, id(options))
+    if key not in functions:
+        def on_every_replica(values):
+            return strategy.run(operation, args=(values,), kwargs={"options": options})
+
+        functions[key] = (tf.function(on_every_replica, autograph=False), options)
+    return functions[key][0](x)
 
 
 def _check_1d(x, op_name):
@@ -57,6 +88,7 @@ def rank() -> int:
     return _private.global_replica_id()
 
 
+@_eager_via_merge_call
 def reduce_scatter(x: tf.Tensor, options=None) -> tf.Tensor:
     """Sums `x` over replicas; replica `r` receives slice `r` of the sum.
 
@@ -91,7 +123,6 @@ def reduce_scatter(x: tf.Tensor, options=None) -> tf.Tensor:
         ctx = tf.distribute.get_replica_context()
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, x, options=options)
         return total[rank() * shard:(rank() + 1) * shard]
-    _require_graph("reduce_scatter")
     params = _private.LaunchParams(launcher, options)
     if "GPU" in params.device.upper():
         return _private.raw_reduce_scatter(x, params)
@@ -107,6 +138,7 @@ def reduce_scatter(x: tf.Tensor, options=None) -> tf.Tensor:
     return tf.reduce_sum(received, axis=0)
 
 
+@_eager_via_merge_call
 def all_gather(x: tf.Tensor, options=None) -> tf.Tensor:
     """Concatenates every replica's `x` in replica order.
 
@@ -125,7 +157,6 @@ def all_gather(x: tf.Tensor, options=None) -> tf.Tensor:
     if launcher is None:
         ctx = tf.distribute.get_replica_context()
         return ctx.all_gather(x, axis=0, options=options)
-    _require_graph("all_gather")
     params = _private.LaunchParams(launcher, options)
     if x.dtype == tf.bfloat16:  # no bfloat16 gather kernel: move the bits
         gathered = _private.raw_all_gather(tf.bitcast(x, tf.float16), params)
@@ -133,6 +164,7 @@ def all_gather(x: tf.Tensor, options=None) -> tf.Tensor:
     return _private.raw_all_gather(x, params)
 
 
+@_eager_via_merge_call
 def all_reduce_sum(x: tf.Tensor, options=None) -> tf.Tensor:
     """Sums `x` over replicas; every replica receives the full sum."""
     _check_1d(x, "all_reduce_sum")
@@ -143,5 +175,4 @@ def all_reduce_sum(x: tf.Tensor, options=None) -> tf.Tensor:
     if launcher is None:
         ctx = tf.distribute.get_replica_context()
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x, options=options)
-    _require_graph("all_reduce_sum")
     return _private.raw_all_reduce(x, _private.LaunchParams(launcher, options))

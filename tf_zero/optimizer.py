@@ -23,6 +23,11 @@ def _flat(x):
     return tf.reshape(x, [-1])
 
 
+def _read(variable):
+    # A Keras variable's value, or a raw tf.Variable's (Keras accepts both).
+    return variable.value if isinstance(variable, keras.Variable) else variable.read_value()
+
+
 @keras.saving.register_keras_serializable(package="tf_zero")
 class ZeroOptimizer(keras.optimizers.Optimizer):
     """ZeRO stages 1-3 around any element-wise Keras optimizer.
@@ -42,6 +47,13 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     already reduce-scattered: each is a bucket of its own whose shard is the
     weight's storage, so the inner optimizer updates it in place and nothing
     is all-gathered after the step.
+
+    The optimizer is built by `model.fit`, by `optimizer.build(variables)`
+    under `strategy.scope()`, or, as Keras optimizers are, by the first
+    `apply_gradients` (also inside `strategy.run`, traced or eager). Eager
+    steps (`strategy.run` without `tf.function`, `run_eagerly=True`) run
+    each collective in an internal `tf.function` and give the traced
+    numbers.
 
     With no distribution strategy (or a single-replica one that is not a
     collective strategy) the wrapper delegates to the inner optimizer and
@@ -203,6 +215,15 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             return 0
         return sum(b.size * tf.as_dtype(b.dtype).size for b in self._plan.buckets)
 
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay."""
+        self._inner.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def _clip_gradients(self, grads):
+        # The inner optimizer's clipping of the given gradients; the step
+        # itself applies the same clipping to the reduced gradient.
+        return self._inner._clip_gradients(grads)
+
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
 
@@ -221,6 +242,27 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                           reduce_dtype=reduce_dtype)
 
     def build(self, var_list):
+        """Creates the shards and slots for `var_list`.
+
+        `model.fit` calls this, or `optimizer.build(variables)` under
+        `strategy.scope()`, or the first `apply_gradients`. Called in replica
+        context (the first `apply_gradients` inside `strategy.run`, traced or
+        eager, or a wrapping `LossScaleOptimizer`'s own build), every replica
+        reaches a `merge_call` and the build runs once, in cross-replica
+        context and eagerly (`tf.init_scope` lifts it out of a function being
+        traced): the same plan, shards and slots as an explicit build.
+        """
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            var_list = list(var_list)
+
+            # merge_call would run it through AutoGraph inside a traced step.
+            @tf.autograph.experimental.do_not_convert
+            def build_in_cross_replica_context(strategy):
+                with tf.init_scope(), strategy.scope():
+                    self.build(var_list)
+
+            return tf.distribute.get_replica_context().merge_call(
+                build_in_cross_replica_context)
         strategy = _private.strategy_of(var_list)
         if strategy is not None and not tf.distribute.has_strategy():
             with strategy.scope():  # built outside the scope, e.g. before load
@@ -246,12 +288,6 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             super().build(var_list)
             self._apply_pending_load()
             return
-        if tf.distribute.in_cross_replica_context() is False:
-            raise RuntimeError(
-                "ZeroOptimizer must be built in cross-replica context (Keras "
-                "does this in fit; in a custom loop call "
-                "optimizer.build(model.trainable_variables) under "
-                "strategy.scope() before the first step).")
         self._inner = _inner_in_scope(self._inner, strategy)
         self._checkpoint_items[0] = self._inner._iterations
         if isinstance(self._inner._learning_rate, keras.Variable):
@@ -276,8 +312,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 "weights when they are created, so build the model under "
                 "tf_zero.ZeroStrategy(stage=3).scope() (weights smaller than "
                 "persistence_threshold stay replicated), or use stage=2.")
-        self._plan = plan_shards([tuple(v.shape) for v in model_vars],
-                                 [v.dtype for v in model_vars], n,
+        dtypes = [keras.backend.standardize_dtype(v.dtype) for v in model_vars]
+        self._plan = plan_shards([tuple(v.shape) for v in model_vars], dtypes, n,
                                  self._zero_config.bucket_size_bytes, alone=owned)
         self._owned_buckets = frozenset(
             b.index for b in self._plan.buckets if owned[b.segments[0].variable])
@@ -429,16 +465,10 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         grads = list(grads)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
-            if not self.built:
-                if tf.distribute.in_cross_replica_context() or not tf.distribute.has_strategy():
-                    with keras.name_scope(self.name, caller=self):
-                        self.build(trainable_variables)
-                    self.built = True
-                else:
-                    raise RuntimeError(
-                        "Build ZeroOptimizer before the first distributed step: "
-                        "call optimizer.build(model.trainable_variables) under "
-                        "strategy.scope() (model.fit does this for you).")
+            if not self.built:  # as Keras optimizers do (see `build`)
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
         if not self._sharded:
             if self._accumulation_steps > 1:
                 return _accumulation().apply_unsharded(self, grads, trainable_variables)
@@ -449,10 +479,6 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 "ZeroOptimizer.apply must be called in replica context: call it "
                 "from the function passed to strategy.run.")
-        if tf.executing_eagerly():
-            raise RuntimeError(
-                "ZeroOptimizer needs graph mode: drop run_eagerly=True from "
-                "model.compile (or wrap your custom step in tf.function).")
         if len(grads) != len(trainable_variables):
             raise ValueError(
                 f"got {len(grads)} gradients for {len(trainable_variables)} variables")
@@ -482,9 +508,11 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
                 if g is None or not v.trainable:
                     continue
                 raise ValueError(
-                    f"Variable {v.path} was not known when ZeroOptimizer was "
-                    "built. Build the optimizer on all trainable variables "
-                    "(optimizer.build(model.trainable_variables)) before training.")
+                    f"Variable {sharded_state.variable_path(v)} was not known when "
+                    "ZeroOptimizer was built (by optimizer.build or by the first "
+                    "apply_gradients). Build it on all trainable variables: call "
+                    "optimizer.build(model.trainable_variables) under strategy.scope() "
+                    "before training, or pass them all to the first apply_gradients.")
             plan_grads[i] = None if g is None else self._flat_gradient(i, g)
         missing = {i for i, g in enumerate(plan_grads) if g is None}
         if self._accumulation_steps > 1:
@@ -563,7 +591,17 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         var = self._model_variables[i]
         if stage3.is_sharded(var):
             ((b, _),) = self._plan.variable_segments(i)
-            return tf.reshape(tf.convert_to_tensor(grad), [self._plan.buckets[b].shard_size])
+            bucket = self._plan.buckets[b]
+            if isinstance(grad, tf.IndexedSlices) or (
+                    grad.shape == var.shape and tuple(var.shape) != (bucket.shard_size,)):
+                # A gradient of the whole weight (given by hand, not by the
+                # gather's backward pass) is this replica's local gradient:
+                # reduce-scatter it like a stage-2 bucket of its own.
+                flat = tf.cast(dense_flat(grad, var.shape), bucket.dtype)
+                if bucket.padding:
+                    flat = tf.concat([flat, tf.zeros([bucket.padding], bucket.dtype)], 0)
+                return self._reduce_scatter_flat(flat)
+            return tf.reshape(tf.convert_to_tensor(grad), [bucket.shard_size])
         return dense_flat(grad, var.shape)
 
     def _shard_gradient(self, bucket, plan_grads):
@@ -602,7 +640,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     def _read_weight_shard(self, bucket, pieces):
         parts = []
         for p in pieces:
-            value = self._model_variables[p.variable].value
+            value = _read(self._model_variables[p.variable])
             parts.append(_flat(value)[p.start:p.start + p.size])
         covered = sum(p.size for p in pieces)
         if covered < bucket.shard_size:

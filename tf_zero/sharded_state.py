@@ -21,6 +21,12 @@ import tensorflow as tf
 from tf_zero import _private
 
 
+def variable_path(variable) -> str:
+    """A Keras variable's path; for a raw `tf.Variable`, its name without ":0"."""
+    path = getattr(variable, "path", None)
+    return path if path is not None else variable.name.split(":")[0]
+
+
 class UnshardedSlot(_private.Trackable):
     """Checkpoint face of slot `slot_name` of model variable `variable_index`.
 
@@ -39,7 +45,7 @@ class UnshardedSlot(_private.Trackable):
         variable = optimizer._model_variables[variable_index]
         self.shape = tuple(variable.shape)
         self.dtype = tf.as_dtype(variable.dtype)
-        self.name = f"{variable.path.replace('/', '_')}_{slot_name}"
+        self.name = f"{variable_path(variable).replace('/', '_')}_{slot_name}"
 
     def _bucket_slot(self, bucket_index):
         return self._optimizer._slots_by_bucket[bucket_index][self._position]
