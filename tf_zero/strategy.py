@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from tf_zero import _private, stage3
+from tf_zero import _private, preemption, stage3
 from tf_zero.config import (DEFAULT_BUCKET_SIZE_BYTES, DEFAULT_PERSISTENCE_THRESHOLD,
                             DEFAULT_PREFETCH_DEPTH, ZeroConfig)
 
@@ -103,6 +103,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
             devices=None if multi_worker else devices,
             devices_per_worker=devices_per_worker)
         _private.initialize_strategy_base(self, extended)
+        if multi_worker:
+            # TensorFlow's coordination service swallows SIGTERM; take it back
+            # (a backup callback saves instead while it is in fit).
+            preemption.exit_on_sigterm(self)
 
     @property
     def zero_config(self) -> ZeroConfig:
