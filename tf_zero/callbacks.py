@@ -259,7 +259,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.last_preemption_seconds = seconds
         took = "" if seconds is None else f" {seconds:.2f}s after this worker's SIGTERM;"
         print(f"[tf_zero] worker {self._worker}: preempted; saved a backup at epoch "
-              f"{self._epoch} after batch {self._batches_done} in {self.backup_dir};{took} "
+              f"{self._epoch} after {self._batches_done} batches in {self.backup_dir};{took} "
               f"exiting with status {PREEMPTED_EXIT_CODE}. Relaunch to resume there.",
               flush=True)
         raise SystemExit(PREEMPTED_EXIT_CODE)

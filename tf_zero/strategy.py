@@ -36,7 +36,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
 
     Without `TF_CONFIG` or a cluster resolver it is a one-worker strategy over
     `devices` (default: every local GPU, else every logical CPU device). With
-    `TF_CONFIG` (or `cluster_resolver`) it spans all workers of the cluster.
+    `TF_CONFIG` (or `cluster_resolver`) it spans all workers of the cluster;
+    there SIGTERM ends a worker again (TensorFlow's coordination service
+    swallows it), or, with a backup callback in `fit`, saves the current step
+    on every worker first (see `tf_zero.preemption`).
 
     Args:
         devices: device names for a single-worker strategy.
