@@ -41,15 +41,16 @@ EPOCHS = 3
 class SignalAt(keras.callbacks.Callback):
     """Sends `sig` to this process when batch `batch` of epoch `epoch` begins."""
 
-    def __init__(self, epoch, batch, sig, delay=0.0):
+    def __init__(self, epoch, batch, sig):
         super().__init__()
-        self.at, self.sig, self.delay, self.epoch = (epoch, batch), sig, delay, 0
+        self.at, self.sig, self.epoch = (epoch, batch), signal.Signals(sig), 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
         if (self.epoch, batch) == self.at:
+            print(f"signal {self.sig.name} sent at {time.time():.3f}", flush=True)
             os.kill(os.getpid(), self.sig)
 
 

@@ -311,16 +311,22 @@ def _adopt_keras():
     checkpoint = keras.callbacks.ModelCheckpoint
     original_begin = checkpoint.on_train_begin
 
-    def refuse_unsafe(self, logs=None):
-        if (saving.is_multi_worker(self.model) and not self.save_weights_only and
-                str(self.filepath).endswith((".h5", ".hdf5"))):
-            raise ValueError(
-                f"ModelCheckpoint({self.filepath!r}) would save the legacy HDF5 format, which "
-                "cannot be written once and atomically under a multi-worker strategy. "
-                "Use a '.keras' filepath (or save_weights_only=True with '.weights.h5').")
+    def multi_worker_begin(self, logs=None):
+        if saving.is_multi_worker(self.model):
+            if not self.save_weights_only and str(self.filepath).endswith((".h5", ".hdf5")):
+                raise ValueError(
+                    f"ModelCheckpoint({self.filepath!r}) would save the legacy HDF5 format, "
+                    "which cannot be written once and atomically under a multi-worker "
+                    "strategy. Use a '.keras' filepath (or save_weights_only=True with "
+                    "'.weights.h5').")
+            # Keras creates a missing directory on every worker at the first save
+            # (os.makedirs without exist_ok): all but one fail with FileExistsError.
+            directory = os.path.dirname(str(self.filepath))
+            if directory and "{" not in directory and "://" not in directory:
+                os.makedirs(directory, exist_ok=True)
         return original_begin(self, logs)
 
-    checkpoint.on_train_begin = refuse_unsafe
+    checkpoint.on_train_begin = multi_worker_begin
 
 
 _adopt_keras()
