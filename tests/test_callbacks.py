@@ -186,3 +186,13 @@ def test_directory_written_by_two_jobs_is_refused(interrupted):
     with pytest.raises(RuntimeError, match="also written by another job"):
         train(compiled(zero_strategy(2)),
               [BackupAndRestore(backup), SignalAt(1, 2, other_job_writes)])
+
+
+def test_keras_layout_backup_is_refused(tmp_path):
+    """A directory Keras' own callback wrote (no batch, no checksum) is not skipped silently."""
+    backup = tmp_path / "b"
+    backup.mkdir()
+    (backup / "latest.weights.h5").write_bytes(b"")
+    (backup / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    with pytest.raises(ValueError, match="Keras' own layout"):
+        _restore(str(backup))

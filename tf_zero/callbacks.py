@@ -107,6 +107,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _read_pointer(self):
         if not tf.io.gfile.exists(self._pointer):
+            self._check_no_other_backup()
             return None
         try:
             with open(self._pointer) as f:
@@ -118,6 +119,25 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "directory is damaged or holds another program's files. Restore it from "
                 "a copy, or delete the directory to start from scratch.") from None
         return latest
+
+    def _check_no_other_backup(self):
+        """Without latest.json: refuse Keras' own layout; say if a save was cut short."""
+        if not tf.io.gfile.isdir(self.backup_dir):
+            return
+        names = tf.io.gfile.listdir(self.backup_dir)
+        keras_files = [n for n in names if n.startswith(("latest.weights.h5",
+                                                         "training_metadata.json"))]
+        if keras_files:
+            raise ValueError(
+                f"{self.backup_dir} holds {', '.join(sorted(keras_files))}: a backup in Keras' "
+                "own layout (keras.callbacks.BackupAndRestore without a ZeroStrategy), which "
+                "records neither the batch nor a checksum, and which several workers may have "
+                "written at once. Load it yourself (model.load_weights, fit(initial_epoch=...)) "
+                "and move it away, or delete the directory to start from scratch.")
+        if any(n.startswith("backup-") for n in names):
+            print(f"[tf_zero] {self.backup_dir} has weights files but no latest.json: the "
+                  "first backup was cut short, so there is nothing complete to restore; "
+                  "starting from scratch.", flush=True)
 
     def on_train_begin(self, logs=None):
         self._strategy = self.model.distribute_strategy
