@@ -195,6 +195,7 @@ def test_launcher_forwards_sigterm_and_waits_for_the_backup(tmp_path):
         lines = []
         while sum("ready" in line for line in lines) < 2:
             lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)  # the launcher ended before its workers started
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)

@@ -105,9 +105,10 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # -- restore ---------------------------------------------------------------
 
-    def _read_pointer(self):
+    def _read_pointer(self, starting=False):
         if not tf.io.gfile.exists(self._pointer):
-            self._check_no_other_backup()
+            if starting:
+                self._check_no_other_backup()
             return None
         try:
             with open(self._pointer) as f:
@@ -147,7 +148,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._signature = model_signature(self.model)
         self._epoch, self._batches_done, self._since_save = 0, 0, 0
         self._resume = None
-        latest = self._read_pointer()
+        latest = self._read_pointer(starting=True)
         self._expected_owner = latest.get("job") if latest else None
         if latest is not None:
             self._restore(latest)
