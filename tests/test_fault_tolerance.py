@@ -106,6 +106,43 @@ def test_sigterm_to_one_worker_saves_mid_epoch_and_resumes_there(tmp_path, refer
     assert max_weight_diff(final_weights(out), reference) < 1e-6
 
 
+def test_sigterm_to_the_launcher_with_keras_backup_resumes_exactly(tmp_path, reference):
+    """A scheduler's SIGTERM to the launcher, Keras' own BackupAndRestore in fit.
+
+    Every worker gets the signal (the launcher forwards it); the first to
+    announce a step wins, all save it, the relaunch trains the rest.
+    """
+    backup, out = str(tmp_path / "backup"), str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "tf_zero.launch", *job(
+        "--save", "keras_backup", "--dir", backup, "--pause", "0.3")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.path.dirname(HERE))
+    lines = []
+    try:
+        while "[worker 1] worker 1: batch 1:1" not in (lines[-1] if lines else ""):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)[-3000:]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        seconds = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    log = "".join(lines) + rest
+    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    print(f"SIGTERM to the launcher: exit {seconds:.1f}s later")
+    assert_all_stopped([int(p) for p in re.findall(r"worker \d+: pid (\d+)", log)])
+    latest = json.load(open(os.path.join(backup, "latest.json")))
+    done = 4 * latest["epoch"] + latest["batch"]
+    assert latest["epoch"] == 1 and latest["batch"] >= 2  # mid-epoch, after the signal
+    status, log, pids = launch(job("--save", "keras_backup", "--dir", backup, "--out", out))
+    assert status == 0, log[-3000:]
+    trained = batches_trained(log)
+    assert trained[0] == f"{done // 4}:{done % 4}" and len(trained) == 12 - done
+    assert max_weight_diff(final_weights(out), reference) < 1e-6
+
+
 def test_model_checkpoint_and_model_save_publish_once(tmp_path, reference):
     """ModelCheckpoint (.weights.h5, .keras, save_best_only) and model.save on every worker.
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -283,6 +284,12 @@ class BackupAndRestore(keras.callbacks.Callback):
               f"{self._epoch} after {self._batches_done} batches in {self.backup_dir};{took} "
               f"exiting with status {PREEMPTED_EXIT_CODE}. Relaunch to resume there.",
               flush=True)
+        if _private.in_multi_worker_mode(self._strategy):
+            # The backup is complete on every worker. Python's shutdown would
+            # now wait for TensorFlow's coordination service, whose leader
+            # (the chief) may already be gone: seconds of the grace period.
+            sys.stderr.flush()
+            os._exit(PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
