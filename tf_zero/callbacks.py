@@ -276,6 +276,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _exit_preempted(self):
         watch, self._watch = self._watch, None
         watch.stop()
+        watch.leave_together()
         start = watch.signal_time
         seconds = None if start is None else time.monotonic() - start
         self.last_preemption_seconds = seconds

@@ -36,6 +36,8 @@ import sys
 import threading
 import time
 
+import tensorflow as tf
+
 from tf_zero import _private
 
 PREEMPTED_EXIT_CODE = 75
@@ -120,9 +122,31 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
         if self._watcher is not None:
-            _private.kv_set(f"{self._prefix}/step", _STOP)  # one worker's wins
-            self._watcher.join(timeout=10)
+            if self._watcher.is_alive():
+                try:
+                    _private.kv_set(f"{self._prefix}/step", _STOP)  # one worker's wins
+                except tf.errors.OpError:
+                    pass  # the coordination service is gone: so is the job
+                self._watcher.join(timeout=10)
             self._watcher = None
+
+    def leave_together(self):
+        """Before a preempted worker exits: worker 0 leaves last.
+
+        Worker 0 hosts the coordination service; a worker still reading the
+        last save's agreement from it would fail if it left first.
+        """
+        if not self._multi_worker:
+            return
+        key = f"{self._prefix}/leaving"
+        if self._worker != 0:
+            _private.kv_set(f"{key}/{self._worker}", "1")
+            return
+        for i in range(1, self._workers):
+            try:
+                _private.kv_get(f"{key}/{i}", timeout_ms=ACK_TIMEOUT_MS)
+            except tf.errors.OpError:
+                pass  # that worker is gone already
 
     @property
     def received(self) -> bool:
