@@ -6,7 +6,6 @@ import signal
 import time
 
 import keras
-import numpy as np
 import pytest
 from conftest import max_weight_diff, mlp, regression_data, zero_strategy
 
@@ -118,7 +117,8 @@ def test_sigterm_saves_that_step_and_exits(tmp_path, reference):
 def test_backup_restores_at_another_replica_count_and_stage(tmp_path, reference):
     backup = str(tmp_path / "b")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compiled(zero_strategy(4), stage=2), [BackupAndRestore(backup), SignalAt(1, 1, crash)])
+        train(compiled(zero_strategy(4), stage=2),
+              [BackupAndRestore(backup), SignalAt(1, 1, crash)])
     resumed = train(compiled(zero_strategy(3), stage=1), [BackupAndRestore(backup)])
     assert max_weight_diff(resumed.get_weights(), reference) < 1e-6
 
