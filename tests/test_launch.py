@@ -93,7 +93,7 @@ def test_killed_worker_resumes_from_backup(tmp_path):
     assert "worker 1 exited with status -9" in log
     assert_all_stopped(pids)
     saved = sorted(os.listdir(backup / "adam_2"))
-    assert saved == ["backup-000002.weights.h5", "latest.json"]  # nothing half-written
+    assert saved == ["backup-000002-000000.weights.h5", "latest.json"]  # nothing half-written
 
     status, log, pids = launch(common + ["--out", str(out)])
     assert status == 0, log[-3000:]

@@ -90,3 +90,36 @@ def test_autocast_scope_and_save_context():
     assert not _private.in_save_context()
     with tf.Graph().as_default(), _private.eager_mode():
         assert tf.executing_eagerly()
+
+
+def test_keras_writers_are_routed_and_single_worker_saves_are_keras_own(tmp_path):
+    """The three Keras writers go through tf_zero.saving; one worker writes in place."""
+    from keras.src.legacy.saving import legacy_h5_format
+    from keras.src.saving import saving_lib
+
+    for writer in (saving_lib.save_weights_only, saving_lib.save_model,
+                   legacy_h5_format.save_model_to_hdf5):
+        assert hasattr(writer, "__wrapped__")
+    assert _private.worker_count(zero_strategy(2)) == 1
+    assert _private.worker_index(zero_strategy(2)) == 0 and _private.is_chief(zero_strategy(2))
+    with zero_strategy(2).scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.weights.h5"]
+
+
+def test_fit_exit_hooks_run_when_fit_raises():
+    released = []
+
+    class Fail(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            _private.on_fit_exit(lambda: released.append(True))
+
+        def on_train_batch_begin(self, batch, logs=None):
+            raise RuntimeError("stop")
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(RuntimeError, match="stop"):
+        model.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0, callbacks=[Fail()])
+    assert released == [True]

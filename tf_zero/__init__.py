@@ -1,5 +1,6 @@
 """tf_zero: ZeRO-style sharded data parallelism for TensorFlow and Keras 3."""
 
+from tf_zero import callbacks, saving
 from tf_zero.accumulation import GradientAccumulationOptimizer
 from tf_zero.config import ZeroConfig
 from tf_zero.estimate import MemoryEstimate, estimate_memory
@@ -12,6 +13,7 @@ from tf_zero.strategy import ZeroStrategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "callbacks",
     "estimate_memory",
     "GradientAccumulationOptimizer",
     "is_sharded",
@@ -20,6 +22,7 @@ __all__ = [
     "MemoryReport",
     "plan_shards",
     "ReplicaMemory",
+    "saving",
     "ShardedVariable",
     "ShardPlan",
     "ZeroConfig",

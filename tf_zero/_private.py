@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import weakref
 
 import keras
 import tensorflow as tf
@@ -396,6 +397,8 @@ _keras_maybe_symbolic_build = _keras_tf_trainer.TensorFlowTrainer._maybe_symboli
 
 
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    if iterator is not None:
+        iterator._tf_zero_model = weakref.proxy(self)  # see set_batches_to_skip
     strategy = self._distribute_strategy
     if iterator is None or strategy is None or not hasattr(strategy, "zero_config"):
         return _keras_maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
@@ -410,3 +413,139 @@ def _maybe_symbolic_build(self, iterator=None, data_batch=None):
 
 
 _keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+
+
+# Saving under several workers. Keras' `model.save_weights` / `model.save`
+# write the file on every worker that calls them: two workers writing one
+# path collide (HDF5's file lock fails on one of them, whose peer is then left
+# in the middle of a collective gather with a half-written file). The three
+# writers below are routed through `tf_zero.saving.publish` once it registers
+# itself: the chief writes a temporary file and renames it into place, the
+# other workers join the collectives and write nothing.
+from keras.src.legacy.saving import legacy_h5_format as _keras_legacy_h5  # noqa: E402
+from keras.src.saving import saving_lib as _keras_saving_lib  # noqa: E402
+
+_save_router = None  # set by tf_zero.saving: (kind, writer, model, filepath, args) -> result
+
+
+def route_keras_saves(router) -> None:
+    """Sends Keras' weight, model and legacy-HDF5 saves through `router`."""
+    global _save_router
+    _save_router = router
+
+
+def _routed(kind, writer):
+    def save(model, filepath, *args, **kwargs):
+        if _save_router is None:
+            return writer(model, filepath, *args, **kwargs)
+        return _save_router(kind, writer, model, filepath, args, kwargs)
+
+    save.__wrapped__ = writer
+    return save
+
+
+_keras_saving_lib.save_weights_only = _routed("weights", _keras_saving_lib.save_weights_only)
+_keras_saving_lib.save_model = _routed("model", _keras_saving_lib.save_model)
+_keras_legacy_h5.save_model_to_hdf5 = _routed("legacy_h5", _keras_legacy_h5.save_model_to_hdf5)
+
+
+def is_chief(strategy) -> bool:
+    """Whether this worker writes checkpoints (TensorFlow's `should_checkpoint`)."""
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def worker_index(strategy) -> int:
+    """This worker's index in the cluster (0 without a cluster)."""
+    if not in_multi_worker_mode(strategy):
+        return 0
+    return int(getattr(strategy.extended, "_id_in_cluster", 0) or 0)
+
+
+def worker_count(strategy) -> int:
+    """The number of workers the strategy spans."""
+    if not in_multi_worker_mode(strategy):
+        return 1
+    return int(strategy.num_replicas_in_sync // len(strategy.extended.worker_devices))
+
+
+# The coordination service's key-value store (started by every multi-worker
+# collective strategy) carries the preemption agreement, as it does for
+# `tf.distribute.experimental.PreemptionCheckpointHandler`.
+def kv_set(key: str, value: str) -> bool:
+    """Sets `key` once in the job's key-value store; False if it was already set."""
+    from tensorflow.python.eager import context
+
+    try:
+        context.context().set_config_key_value(key, value)
+        return True
+    except tf.errors.AlreadyExistsError:
+        return False
+
+
+def kv_get(key: str, timeout_ms: int = 0) -> str:
+    """Blocks until `key` is set in the job's key-value store; returns its value."""
+    from tensorflow.python.eager import context
+
+    return context.context().get_config_key_value(key, timeout_in_ms=timeout_ms)
+
+
+# Resuming in the middle of an epoch: Keras' `fit` can start at an epoch
+# (`_initial_epoch`) but not at a batch. A backup callback that restores a
+# mid-epoch backup leaves the number of batches to skip on the model; the
+# training epoch iterator then draws those batches from the dataset (so the
+# data lines up) without training on them, and numbers the rest as Keras
+# would have.
+_TFEpochIterator = _keras_tf_trainer.TFEpochIterator
+_keras_enumerate_iterator = _TFEpochIterator._enumerate_iterator
+
+
+def set_batches_to_skip(model, batches: int) -> None:
+    """The next `fit` of `model` starts its first epoch after `batches` batches."""
+    model._tf_zero_skip_batches = int(batches)
+
+
+def _enumerate_iterator(self):
+    model = getattr(self, "_tf_zero_model", None)
+    skip = getattr(model, "_tf_zero_skip_batches", 0) if model is not None else 0
+    if not skip:
+        yield from _keras_enumerate_iterator(self)
+        return
+    model._tf_zero_skip_batches = 0
+    for begin, end, iterator in _keras_enumerate_iterator(self):
+        if begin >= skip:
+            yield begin, end, iterator
+            continue
+        if end >= skip:
+            raise ValueError(
+                f"The backup was taken after batch {skip} but steps_per_execution="
+                f"{self.steps_per_execution} groups batches {begin}..{end}: resume "
+                "with the steps_per_execution the backup was written with.")
+        for _ in range(end - begin + 1):
+            next(iterator)  # the batch was trained on before the backup
+
+
+_TFEpochIterator._enumerate_iterator = _enumerate_iterator
+
+
+# Keras calls `on_train_end` only when `fit` completes; a callback that holds
+# a resource for the duration of `fit` (a SIGTERM handler, a watcher thread)
+# registers a release function here, run however `fit` ends.
+_keras_fit = _keras_tf_trainer.TensorFlowTrainer.fit
+_fit_cleanups = []
+
+
+def on_fit_exit(release) -> None:
+    """Runs `release()` when the `fit` in progress returns or raises."""
+    _fit_cleanups.append(release)
+
+
+def _fit(self, *args, **kwargs):
+    depth = len(_fit_cleanups)
+    try:
+        return _keras_fit(self, *args, **kwargs)
+    finally:
+        while len(_fit_cleanups) > depth:
+            _fit_cleanups.pop()()
+
+
+_keras_tf_trainer.TensorFlowTrainer.fit = _fit

@@ -7,6 +7,12 @@ the `--timeout` expires. It exits with 0 when all workers succeed, with the
 failing worker's status otherwise (124 on timeout), and never leaves a worker
 process behind.
 
+SIGTERM to the launcher (what a scheduler sends before it kills a job) is
+forwarded to every worker. Workers that save a backup on SIGTERM
+(`tf_zero.callbacks.BackupAndRestore`) exit with status 75 once the backup
+is complete; when one worker exits with 75 the launcher lets the others
+finish theirs (up to `--preemption-grace` seconds) and exits with 75 too.
+
 `--devices-per-worker K` gives each worker K logical CPU devices (when it
 has no GPU) and tells `ZeroStrategy` to use them as K replicas, so 2 workers
 x 2 devices train on 4 replicas on one CPU machine.
@@ -29,7 +35,10 @@ import sys
 import threading
 import time
 
+from tf_zero.preemption import PREEMPTED_EXIT_CODE
+
 DEVICES_ENV = "TF_ZERO_DEVICES_PER_WORKER"
+DEFAULT_PREEMPTION_GRACE = 60.0
 
 
 def free_ports(count: int) -> list[int]:
@@ -86,8 +95,27 @@ def _stop(procs, grace=5.0):
             p.wait()
 
 
+def _forward_sigterm(procs, lock, out):
+    """Installs a SIGTERM handler that passes the signal on to every worker."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def forward(signum, frame):
+        with lock:
+            out.write("[launch] SIGTERM received; forwarding it to every worker\n")
+            out.flush()
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    return signal.signal(signal.SIGTERM, forward)
+
+
 def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
-           timeout=None, out=None) -> int:
+           timeout=None, out=None, preemption_grace=DEFAULT_PREEMPTION_GRACE) -> int:
     """Runs `script` as `workers` local workers; returns the job's exit status."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -101,6 +129,7 @@ def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
     envs = worker_environments(workers, ports, devices_per_worker)
     lock = threading.Lock()
     procs, threads = [], []
+    previous_handler = _forward_sigterm(procs, lock, out)
     try:
         for i, env in enumerate(envs):
             cmd = [sys.executable, "-m", "tf_zero.launch", "--_bootstrap", script, *args]
@@ -115,9 +144,30 @@ def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
             t.start()
             threads.append(t)
         deadline = None if timeout is None else time.monotonic() + timeout
+        preempted_deadline = None
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            preempted = [i for i, c in enumerate(codes) if c == PREEMPTED_EXIT_CODE]
+            failed = [(i, c) for i, c in enumerate(codes)
+                      if c not in (None, 0, PREEMPTED_EXIT_CODE)]
+            if preempted and not failed:
+                running = [i for i, c in enumerate(codes) if c is None]
+                if not running:
+                    with lock:
+                        out.write(f"[launch] workers saved a backup on SIGTERM and exited "
+                                  f"with status {PREEMPTED_EXIT_CODE}; run the same command "
+                                  "again to resume\n")
+                    return PREEMPTED_EXIT_CODE
+                if preempted_deadline is None:
+                    preempted_deadline = time.monotonic() + preemption_grace
+                elif time.monotonic() > preempted_deadline:
+                    with lock:
+                        out.write(f"[launch] workers {running} still running "
+                                  f"{preemption_grace}s after worker {preempted[0]} saved "
+                                  "on SIGTERM; stopping them\n")
+                    return PREEMPTED_EXIT_CODE
+                time.sleep(0.1)
+                continue
             if failed:
                 i, code = failed[0]
                 with lock:
@@ -137,6 +187,8 @@ def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
         _stop(procs)
         for t in threads:
             t.join(timeout=2)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _bootstrap(script, args):
@@ -166,13 +218,17 @@ def main(argv=None):
     parser.add_argument("--port-base", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before every worker is stopped (exit 124)")
+    parser.add_argument("--preemption-grace", type=float, default=DEFAULT_PREEMPTION_GRACE,
+                        help="seconds the other workers get to finish after one exits "
+                             f"with {PREEMPTED_EXIT_CODE} (saved on SIGTERM)")
     parser.add_argument("script")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     try:
         return launch(ns.script, ns.args, workers=ns.workers,
                       devices_per_worker=ns.devices_per_worker,
-                      port_base=ns.port_base, timeout=ns.timeout)
+                      port_base=ns.port_base, timeout=ns.timeout,
+                      preemption_grace=ns.preemption_grace)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 

@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from tf_zero import _private, stage3
+from tf_zero import _private, preemption, stage3
 from tf_zero.config import (DEFAULT_BUCKET_SIZE_BYTES, DEFAULT_PERSISTENCE_THRESHOLD,
                             DEFAULT_PREFETCH_DEPTH, ZeroConfig)
 
@@ -36,7 +36,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
 
     Without `TF_CONFIG` or a cluster resolver it is a one-worker strategy over
     `devices` (default: every local GPU, else every logical CPU device). With
-    `TF_CONFIG` (or `cluster_resolver`) it spans all workers of the cluster.
+    `TF_CONFIG` (or `cluster_resolver`) it spans all workers of the cluster;
+    there SIGTERM ends a worker again (TensorFlow's coordination service
+    swallows it), or, with a backup callback in `fit`, saves the current step
+    on every worker first (see `tf_zero.preemption`).
 
     Args:
         devices: device names for a single-worker strategy.
@@ -103,6 +106,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
             devices=None if multi_worker else devices,
             devices_per_worker=devices_per_worker)
         _private.initialize_strategy_base(self, extended)
+        if multi_worker:
+            # TensorFlow's coordination service swallows SIGTERM; take it back
+            # (a backup callback saves instead while it is in fit).
+            preemption.exit_on_sigterm(self)
 
     @property
     def zero_config(self) -> ZeroConfig:
