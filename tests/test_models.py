@@ -1,8 +1,7 @@
 """Models users train: keras_hub LLMs, keras.applications CNNs, LoRA, dynamic shapes.
 
 The full sweep (every model x stage x precision) is `benchmarks/models.py`;
-this file keeps a representative subset: every model at one stage, every
-stage on GPT-2 and MobileNetV2, each precision at least once.
+this file keeps a representative subset (see `CASES`).
 
 Tolerances. Sharded and unsharded training sum the same gradients in a
 different order, so they may differ by the float noise of the run. Where
@@ -33,17 +32,15 @@ import zoo
 N = 4
 ATOL = 1e-6
 
-# (model, stage, precision): every model once, every stage on two models,
-# each precision at least once (mixed_float16 on an LLM and a CNN).
+# (model, stage, precision): every stage on GPT-2 and BERT, each precision at
+# least once, MobileNetV2 (BatchNormalization) at stage 3. ResNet50 and the
+# other combinations are in benchmarks/models.py (too slow for CI here).
 CASES = [
     ("gpt2", 1, "float32"), ("gpt2", 2, "float32"), ("gpt2", 3, "float32"),
-    ("mobilenet_v2", 1, "float32"), ("mobilenet_v2", 2, "float32"),
-    ("mobilenet_v2", 3, "float32"),
+    ("bert", 1, "float32"), ("bert", 2, "float32"), ("bert", 3, "float32"),
     ("llama", 3, "mixed_bfloat16"),
     ("gemma", 2, "mixed_float16"),
-    ("bert", 3, "float32"),
-    ("mobilenet_v2", 3, "mixed_float16"),
-    ("resnet50", 2, "float32"),
+    ("mobilenet_v2", 3, "float32"),
 ]
 
 _references = {}
