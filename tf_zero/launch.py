@@ -76,13 +76,17 @@ def _stream(prefix, pipe, sink, lock):
     pipe.close()
 
 
-def _stop(procs, grace=5.0):
+def _signal_running(procs, signum):
     for p in procs:
         if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signum)
             except ProcessLookupError:
                 pass
+
+
+def _stop(procs, grace=5.0):
+    _signal_running(procs, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         try:
@@ -104,12 +108,7 @@ def _forward_sigterm(procs, lock, out):
         with lock:
             out.write("[launch] SIGTERM received; forwarding it to every worker\n")
             out.flush()
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        _signal_running(procs, signal.SIGTERM)
 
     return signal.signal(signal.SIGTERM, forward)
 

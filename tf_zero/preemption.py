@@ -140,7 +140,10 @@ class PreemptionWatch:
             return
         key = f"{self._prefix}/leaving"
         if self._worker != 0:
-            _private.kv_set(f"{key}/{self._worker}", "1")
+            try:
+                _private.kv_set(f"{key}/{self._worker}", "1")
+            except tf.errors.OpError:
+                pass  # worker 0 has left already: the backup is complete either way
             return
         for i in range(1, self._workers):
             try:
