@@ -11,8 +11,8 @@ and `distribute_test.py`). This runs them unchanged, in a process of their own
 every Keras SGD they create or compile (`SGD(...)`, `optimizer="sgd"`) is
 wrapped in `tf_zero.ZeroOptimizer`. Not collected by the test suite (tests
 that read Keras internals a wrapper does not expose fail by design; see
-README, "Custom training loops"); `tests/test_custom_loop.py` runs the ones
-that apply.
+docs/semantics.md, "Keras' own distribution tests"); `tests/test_custom_loop.py`
+runs the ones that apply.
 """
 
 import argparse

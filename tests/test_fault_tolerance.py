@@ -4,6 +4,7 @@ Every multi-worker run here is compared with one process training on 4
 replicas (`test_launch.one_process`), within 1e-6.
 """
 
+import glob
 import json
 import os
 import re
@@ -247,16 +248,31 @@ def test_launcher_forwards_sigterm_and_waits_for_the_backup(tmp_path):
     assert_all_stopped([int(p) for p in re.findall(r"worker \d+: pid (\d+)", log)])
 
 
+# README.md, then the pages it links, in the order it lists them: a later
+# block uses what an earlier one made (`model`, `strategy`).
+DOC_FILES = ("README.md", "docs/semantics.md", "docs/mixed-precision.md",
+             "docs/accumulation.md", "docs/multi-worker.md", "docs/stage3.md",
+             "docs/models.md", "docs/checkpoints.md", "docs/architecture.md",
+             "docs/benchmarks.md", "docs/limits.md", "docs/tests.md")
+
+
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
-    """README's Python blocks run in order, as a reader would paste them.
+    """The Python blocks of README and docs/ run in order, as a reader would paste them.
 
     The reader's own `make_model`, `x`, `y` and `ds` are supplied, and the
     strategies they create are the test process's shared ones (4 logical CPUs).
     """
     import tensorflow as tf
 
-    readme = open(os.path.join(os.path.dirname(HERE), "README.md")).read()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    root = os.path.dirname(HERE)
+    pages = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
+    assert sorted(DOC_FILES[1:]) == pages  # no page is left out
+    listed = open(os.path.join(root, "README.md")).read().split("\n## Documentation\n")[1]
+    assert re.findall(r"\]\((docs/[^)]+\.md)\)", listed) == list(DOC_FILES[1:])
+    blocks = []
+    for name in DOC_FILES:
+        text = open(os.path.join(root, name)).read()
+        blocks += [(name, b) for b in re.findall(r"```python\n(.*?)```", text, re.S)]
     assert len(blocks) >= 5
     x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
     y = np.zeros((32, 3), "float32")
@@ -268,11 +284,11 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
                  "ds": tf.data.Dataset.from_tensor_slices((x, y)).batch(8),
                  "_zero2": zero_strategy(4), "_zero3": zero_strategy(4, stage=3)}
     monkeypatch.chdir(tmp_path)
-    for block in blocks:
+    for name, block in blocks:
         code = block.replace("tf_zero.ZeroStrategy(stage=2)", "_zero2")
         code = code.replace("tf_zero.ZeroStrategy(stage=3)", "_zero3")
         try:
-            exec(compile(code, "README.md", "exec"), namespace)
+            exec(compile(code, name, "exec"), namespace)
         finally:
             keras.mixed_precision.set_global_policy("float32")
     assert isinstance(namespace["backup"], tf_zero.callbacks.BackupAndRestore)
