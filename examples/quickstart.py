@@ -65,7 +65,6 @@ def main():
     import keras
 
     import tf_zero
-    from tf_zero import _private
 
     x, y = make_data()
     strategy = tf_zero.ZeroStrategy(devices, stage=args.stage)
@@ -84,7 +83,9 @@ def main():
     print(zero_report)
 
     # The same model under plain MirroredStrategy: every replica holds all slots.
-    mirrored = _private.new_mirrored_strategy(devices)
+    # (ZeroStrategy numbers its collectives in a range of its own, so the two
+    # strategies can live in one process.)
+    mirrored = tf.distribute.MirroredStrategy(devices)
     with mirrored.scope():
         plain_model = make_model(args.hidden)
         plain_opt = keras.optimizers.AdamW(1e-3)

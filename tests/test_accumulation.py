@@ -67,7 +67,7 @@ def test_both_composition_orders_are_the_same_optimizer():
         tf_zero.GradientAccumulationOptimizer(make(), steps=K), stage=2), batch=MICRO)
     b = run(zero_strategy(2), lambda: tf_zero.GradientAccumulationOptimizer(
         tf_zero.ZeroOptimizer(make(), stage=2), steps=K), batch=MICRO)
-    assert a.optimizer._accumulation_steps == b.optimizer._accumulation_steps == K
+    assert a.optimizer.accumulation_steps == b.optimizer.accumulation_steps == K
     assert max_weight_diff(a.get_weights(), b.get_weights()) == 0.0
 
 
@@ -161,7 +161,7 @@ def test_window_carries_over_an_epoch_boundary():
     acc = run(zero_strategy(2), lambda: tf_zero.GradientAccumulationOptimizer(
         OPTS["sgd"](), steps=3), batch=MICRO)
     assert int(acc.optimizer.iterations.numpy()) == 2
-    assert int(acc.optimizer._micro_step.numpy()) == 8
+    assert int(acc.optimizer._accumulator.micro_step.numpy()) == 8
     assert any(np.any(c.numpy() != 0) for buf in acc.optimizer.gradient_buffers
                for c in tf_zero._private.components(buf))
 

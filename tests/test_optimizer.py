@@ -129,7 +129,7 @@ def test_frozen_nonfloat_and_gradient_free_variables():
               model_fn=_frozen_model)
     assert max_weight_diff(ref.get_weights(), got.get_weights()) < 1e-6
     assert_replicas_identical(got)
-    names = {v.path for v in got.optimizer._model_variables}
+    names = {v.path for v in got.optimizer.shards.variables}
     assert not any("frozen" in n or "moving" in n for n in names)
 
 
@@ -156,7 +156,7 @@ def test_variables_without_gradients_keep_weights_and_slots():
     np.testing.assert_array_equal(b.numpy(), np.full(3, 2.0))
     assert np.all(a.numpy() < 1.0)
     # b's elements of every slot stayed zero on every replica.
-    for slot in opt._slots_by_bucket[0]:
+    for slot in opt.shards.slots[0]:
         for comp in _private.components(slot):
             values = comp.numpy()
             assert values.shape == (4,)
@@ -331,7 +331,7 @@ def test_get_config_round_trip():
     config = keras.saving.serialize_keras_object(opt)
     clone = keras.saving.deserialize_keras_object(config)
     assert isinstance(clone, tf_zero.ZeroOptimizer)
-    assert clone.stage == 1 and clone._requested_bucket_size == 4096
+    assert clone.stage == 1 and clone.get_config()["bucket_size_bytes"] == 4096
     assert isinstance(clone.inner_optimizer, keras.optimizers.AdamW)
     assert clone.inner_optimizer.weight_decay == pytest.approx(0.2)
     assert float(clone.learning_rate.numpy()) == pytest.approx(0.003)

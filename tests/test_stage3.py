@@ -155,8 +155,8 @@ def test_small_weights_stay_replicated_and_share_buckets():
     assert tf_zero.is_sharded(model.layers[0].embeddings)  # 160 elements
     assert not tf_zero.is_sharded(model.layers[1].bias)  # 8 elements
     plan = model.optimizer.plan
-    assert len(model.optimizer._owned_buckets) == sum(sharded.values())
-    assert len(plan.buckets) > len(model.optimizer._owned_buckets)
+    assert len(model.optimizer.shards.owned) == sum(sharded.values())
+    assert len(plan.buckets) > len(model.optimizer.shards.owned)
     reference = fit(compiled(mirrored_strategy(3), OPTIMIZERS["adam"], zero=False))
     assert_weights_close(model.get_weights(), reference.get_weights())
 

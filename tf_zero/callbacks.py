@@ -185,7 +185,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             raise ValueError(f"The backup {path} cannot be read ({e}): the file is "
                              "corrupted. Restore it from a copy, or delete the directory "
                              "to start from scratch.") from e
-        self.model._initial_epoch = int(latest["epoch"])
+        _private.set_initial_epoch(self.model, int(latest["epoch"]))
         self._resume = (int(latest["epoch"]), int(latest["batch"]))
         _private.set_batches_to_skip(self.model, int(latest["batch"]))
 

@@ -38,7 +38,7 @@ def backend(strategy=None) -> str:
     launcher = _private.collective_launcher(strategy)
     if launcher is None:
         return "replica_context"
-    if "GPU" in launcher._device.upper():
+    if "GPU" in _private.launcher_device(launcher).upper():
         return "nccl"
     return "all_to_all"
 

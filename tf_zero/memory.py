@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tf_zero import _private
+from tf_zero.optimizer import ZeroOptimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,6 @@ def memory_report(optimizer, model=None) -> MemoryReport:
     Raises:
         ValueError: the optimizer is not built yet.
     """
-    from tf_zero.optimizer import ZeroOptimizer
-
     optimizer = _unwrap(optimizer)
     if not optimizer.built:
         raise ValueError(
@@ -120,14 +119,15 @@ def memory_report(optimizer, model=None) -> MemoryReport:
     acc: dict = {}
     if isinstance(optimizer, ZeroOptimizer) and optimizer.is_sharded:
         stage = optimizer.stage
-        model_vars = optimizer._model_variables
+        shards = optimizer.shards
+        model_vars = list(shards.variables)
         inner = optimizer.inner_optimizer
-        for bucket, shard in zip(optimizer.plan.buckets, optimizer._shard_variables):
-            if bucket.index in optimizer._owned_buckets:
+        for bucket, shard in zip(shards.plan.buckets, shards.storage):
+            if shards.is_owned(bucket):
                 continue  # a stage-3 weight: counted under "weights" below
             for c in _private.components(shard):
                 _add(acc, c.device, "weight_shards", _nbytes(c))
-        for slots in optimizer._slots_by_bucket:
+        for slots in shards.slots:
             for slot in slots:
                 for c in _private.components(slot):
                     _add(acc, c.device, "slots", _nbytes(c))
@@ -136,20 +136,21 @@ def memory_report(optimizer, model=None) -> MemoryReport:
                 _add(acc, c.device, "gradient_buffers", _nbytes(c))
         unsharded_slots = sum(
             sum(bucket.size * tf.as_dtype(s.dtype).size for s in slots)
-            for bucket, slots in zip(optimizer.plan.buckets, optimizer._slots_by_bucket))
+            for bucket, slots in zip(shards.plan.buckets, shards.slots))
         unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
     else:
         stage = 0
         inner = optimizer.inner_optimizer if isinstance(optimizer, ZeroOptimizer) else optimizer
-        model_vars = list(inner._trainable_variables)
-        skip = {id(inner._iterations), id(getattr(inner, "_learning_rate", None))}
+        model_vars = _private.trained_variables(inner)
+        skip = {id(_private.iterations_variable(inner)),
+                id(_private.learning_rate_variable(inner))}
         slot_vars = [v for v in inner.variables if id(v) not in skip]
         for slot in slot_vars:
             for c in _private.components(slot):
                 _add(acc, c.device, "slots", _nbytes(c))
         unsharded_slots = None
         unsharded_grads = 0
-        for buf in getattr(inner, "_accumulated_gradients", []) or []:
+        for buf in _private.accumulated_gradients(inner):
             for c in _private.components(buf):
                 _add(acc, c.device, "gradient_buffers", _nbytes(c))
     for var in model_vars:

@@ -15,6 +15,7 @@ of Keras' `.weights.h5` files and of `tf.train.Checkpoint`'s `_variables/i`).
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -31,32 +32,31 @@ class UnshardedSlot(_private.Trackable):
     """Checkpoint face of slot `slot_name` of model variable `variable_index`.
 
     Args:
-        optimizer: the built, sharded `ZeroOptimizer`.
+        shards: the sharded optimizer state (`tf_zero.shards.Shards`).
         variable_index: index of the model variable in the shard plan.
         slot_position: position of the slot in each bucket's slot list.
         slot_name: the slot's name (e.g. "momentum").
     """
 
-    def __init__(self, optimizer, variable_index, slot_position, slot_name):
-        self._optimizer = optimizer
+    def __init__(self, shards, variable_index, slot_position, slot_name):
+        self._shards = shards
         self._index = variable_index
         self._position = slot_position
         self.slot_name = slot_name
-        variable = optimizer._model_variables[variable_index]
+        variable = shards.variables[variable_index]
         self.shape = tuple(variable.shape)
         self.dtype = tf.as_dtype(variable.dtype)
         self.name = f"{variable_path(variable).replace('/', '_')}_{slot_name}"
 
     def _bucket_slot(self, bucket_index):
-        return self._optimizer._slots_by_bucket[bucket_index][self._position]
+        return self._shards.slots[bucket_index][self._position]
 
     # -- reading ----------------------------------------------------------
 
     def value(self) -> tf.Tensor:
         """The full, unpadded slot value, assembled from every shard."""
-        opt = self._optimizer
-        plan = opt.plan
-        strategy = opt._strategy
+        plan = self._shards.plan
+        strategy = self._shards.strategy
         multi_worker = _private.in_multi_worker_mode(strategy)
         parts = []
         for b, seg in plan.variable_segments(self._index):
@@ -93,10 +93,9 @@ class UnshardedSlot(_private.Trackable):
                 f"Checkpoint value for optimizer slot {self.name} has shape "
                 f"{tuple(value.shape)} but the model variable has shape "
                 f"{self.shape}: the checkpoint belongs to a different model.")
-        opt = self._optimizer
-        plan = opt.plan
+        plan = self._shards.plan
         flat = tf.reshape(value, [-1])
-        ranks = _private.local_replica_ranks(opt._strategy)
+        ranks = _private.local_replica_ranks(self._shards.strategy)
         for b, _ in plan.variable_segments(self._index):
             bucket = plan.buckets[b]
             comps = _private.components(self._bucket_slot(b))
@@ -206,3 +205,112 @@ class CheckpointList(_private.Trackable):
 
 def as_numpy(item):
     return np.asarray(item.numpy())
+
+
+def unsharded_slots(inner, shards) -> list:
+    """Checkpoint items for the slots, in the plain optimizer's order."""
+    probe_vars = [keras.Variable(np.zeros(1, np.float32), name=n, trainable=False)
+                  for n in ("a", "b")]
+    groups = slot_layout(inner, probe_vars)
+    prefixes = [s.path.replace("/", "_") + "_" for s in shards.storage]
+    names = [[slot.name[len(prefixes[b]):] for slot in slots]
+             for b, slots in enumerate(shards.slots)]
+    items = []
+    for group in groups:
+        positions = [names[0].index(name) if names else 0 for name in group]
+        for k in range(len(shards.variables)):
+            for name, position in zip(group, positions):
+                items.append(UnshardedSlot(shards, k, position, name))
+    return items
+
+
+def _load_values(items, values, optimizer_name, inner_name) -> None:
+    """Assigns `values` ({"0": array, ...}) to `items`, after checking all of them.
+
+    Raises:
+        ValueError: another number of values or other shapes than `items`
+            (the values come from a different optimizer or model).
+    """
+    items = list(items)
+    if len(values) != len(items):
+        raise ValueError(
+            f"The saved optimizer state has {len(values)} variables but "
+            f"{optimizer_name} ({inner_name} on this model) has "
+            f"{len(items)}: the checkpoint comes from a different optimizer "
+            "or model. Load it into the optimizer and model it was saved from.")
+    for i, item in enumerate(items):
+        value = values[str(i)]
+        if tuple(value.shape) != tuple(item.shape):
+            raise ValueError(
+                f"Saved optimizer variable {i} has shape {tuple(value.shape)} "
+                f"but {item.name} has shape {tuple(item.shape)}: the "
+                "checkpoint comes from a different model or optimizer.")
+    for i, item in enumerate(items):
+        item.assign(values[str(i)])
+
+
+
+class CheckpointFace:
+    """What a `ZeroOptimizer`'s checkpoints hold: the plain inner optimizer's state.
+
+    `items` are the inner optimizer's variables in its own order (iterations,
+    learning rate, then each slot of each model variable: `UnshardedSlot`
+    views when sharded), `model_variables` the variables it trains. Created
+    before the build so that a restore can wait on the names "0", "1", ...
+
+    Args:
+        inner: the inner Keras optimizer.
+    """
+
+    def __init__(self, inner):
+        learning_rate = _private.learning_rate_variable(inner)
+        self.items = CheckpointList([_private.iterations_variable(inner)]
+                                    + ([learning_rate] if learning_rate is not None else []))
+        self.model_variables = CheckpointList()
+
+    def add_unsharded(self, inner, var_list) -> None:
+        """The state of an inner optimizer that was built on the model itself."""
+        for v in inner.variables[len(self.items):]:
+            self.items.append(v)
+        for v in _private.trained_variables(inner) or var_list:
+            self.model_variables.append(v)
+
+    def add_sharded(self, inner, shards) -> None:
+        """The state of an inner optimizer built on `shards`, seen unsharded."""
+        self.items[0] = _private.iterations_variable(inner)
+        if _private.learning_rate_variable(inner) is not None:
+            self.items[1] = _private.learning_rate_variable(inner)
+        for v in shards.variables:
+            self.model_variables.append(v)
+        for item in unsharded_slots(inner, shards):
+            self.items.append(item)
+
+    def children(self, inner, save_type, **kwargs) -> dict:
+        """The dependencies of a plain `inner` optimizer, with `items` as its variables.
+
+        A SavedModel is for serving: it keeps the step, not the sharded slots
+        (checkpoints carry the full training state).
+        """
+        iterations = _private.iterations_variable(inner)
+        if str(save_type).lower().endswith("savedmodel"):
+            return {"_iterations": iterations}
+        children = {"_iterations": iterations, "_variables": self.items}
+        learning_rate = _private.learning_rate_variable(inner)
+        if learning_rate is not None:
+            children["_learning_rate"] = learning_rate
+        if len(self.model_variables):
+            children["_trainable_variables"] = self.model_variables
+        known = {id(v) for v in inner.variables}
+        for name, child in _private.trackable_children(inner, save_type, **kwargs).items():
+            if isinstance(child, (keras.Variable, tf.Variable)) and id(child) not in known:
+                children.setdefault(name, child)  # e.g. Nadam's _u_product
+        return children
+
+    def save(self, store) -> None:
+        """Writes every item, unsharded, under "0", "1", ... (Keras' store)."""
+        for i, item in enumerate(self.items):
+            store[str(i)] = as_numpy(item)
+
+    def load(self, values, optimizer_name, inner_name) -> None:
+        """Assigns `values` ({"0": array, ...}) to the items, after checking all."""
+        _load_values(self.items, values, optimizer_name, inner_name)

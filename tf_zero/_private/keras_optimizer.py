@@ -1,0 +1,122 @@
+"""Keras optimizer internals: the backend update step, the loss-scale
+optimizer's apply, the `.keras` saving walker, and the state accessors
+tf_zero's optimizer reads."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tf_zero._private.distribute import sharded_storage
+
+# Keras' TensorFlow optimizer routes `_backend_update_step` through
+# `merge_call` + `extended.update`, which would update a shard as if it were
+# a mirrored variable. An inner optimizer driven by tf_zero runs the plain
+# backend-agnostic loop instead (still calling any subclass override first,
+# e.g. Nadam's per-step momentum-product update).
+from keras.src.backend.tensorflow import optimizer as _keras_tf_optimizer  # noqa: E402
+from keras.src.optimizers import base_optimizer as _keras_base_optimizer  # noqa: E402
+
+_tf_backend_update_step = _keras_tf_optimizer.TFOptimizer._backend_update_step
+
+
+def _local_backend_update_step(self, grads, trainable_variables, learning_rate):
+    if getattr(self, "_tf_zero_local_update", False):
+        return _keras_base_optimizer.BaseOptimizer._backend_update_step(
+            self, grads, trainable_variables, learning_rate)
+    for v in trainable_variables:
+        if sharded_storage(v) is not None:
+            raise ValueError(
+                f"{v.path} is a weight sharded by ZeroStrategy(stage=3); "
+                f"{type(self).__name__} cannot update it. Compile with "
+                f"tf_zero.ZeroOptimizer({type(self).__name__}(...)).")
+    return _tf_backend_update_step(self, grads, trainable_variables, learning_rate)
+
+
+_keras_tf_optimizer.TFOptimizer._backend_update_step = _local_backend_update_step
+
+
+def mark_local_update(optimizer) -> None:
+    """Makes `optimizer._backend_update_step` update replica-local shards."""
+    optimizer._tf_zero_local_update = True
+
+
+# Checkpointing: the base class of objects that serialize themselves, and the
+# key TensorFlow uses for a variable's value.
+Trackable = tf.__internal__.tracking.Trackable
+VARIABLE_VALUE_KEY = "VARIABLE_VALUE"
+
+
+def register_keras_saving_skiplist(obj_type: str, extra=()) -> None:
+    """Makes Keras' `.keras` / `.weights.h5` walker skip `extra` attributes.
+
+    Keras saves every attribute of an optimizer that is itself saveable; a
+    ZeroOptimizer saves its inner optimizer's state itself (unsharded), so
+    the walker must not also save the inner optimizer's raw shards.
+    """
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    key = f"saving_attr_skiplist_{obj_type}"
+    if global_state.get_global_attribute(key, None) is None:
+        skipset = set(saving_lib.get_attr_skipset("Optimizer")) | set(extra)
+        global_state.set_global_attribute(key, skipset)
+
+
+# Keras' LossScaleOptimizer decides on overflow from replica 0's unreduced
+# gradients. When its inner optimizer is a sharded ZeroOptimizer, the inner
+# optimizer's `_apply_scaled` runs the whole step instead (see loss_scale.py).
+from keras.src.optimizers import loss_scale_optimizer as _keras_lso  # noqa: E402
+
+_keras_lso_tf_apply = _keras_lso.LossScaleOptimizer._tf_apply
+
+
+def _lso_tf_apply(self, grads, trainable_variables=None):
+    handler = getattr(self.inner_optimizer, "_apply_scaled", None)
+    if handler is not None and handler(self, grads, trainable_variables):
+        return None
+    return _keras_lso_tf_apply(self, grads, trainable_variables)
+
+
+_keras_lso.LossScaleOptimizer._tf_apply = _lso_tf_apply
+
+
+def iterations_variable(optimizer):
+    """The optimizer's step counter variable."""
+    return optimizer._iterations
+
+
+def learning_rate_variable(optimizer):
+    """The optimizer's learning-rate variable, or None (a schedule or a float)."""
+    lr = getattr(optimizer, "_learning_rate", None)
+    return lr if isinstance(lr, keras.Variable) else None
+
+
+def trained_variables(optimizer) -> list:
+    """The model variables a built Keras optimizer updates."""
+    return list(getattr(optimizer, "_trainable_variables", []))
+
+
+def accumulated_gradients(optimizer) -> list:
+    """Keras' own gradient-accumulation buffers, if the optimizer has them."""
+    return list(getattr(optimizer, "_accumulated_gradients", None) or [])
+
+
+def update_step(optimizer, grads, variables, learning_rate) -> None:
+    """The optimizer's update of `variables` (its `update_step` per variable)."""
+    optimizer._backend_update_step(grads, variables, learning_rate)
+
+
+def clip_gradients(optimizer, grads):
+    """The optimizer's clipnorm / global_clipnorm / clipvalue of `grads`."""
+    return optimizer._clip_gradients(grads)
+
+
+def uses_weight_decay(optimizer, variable) -> bool:
+    """Whether the optimizer's weight decay applies to `variable`."""
+    return optimizer._use_weight_decay(variable)
+
+
+def trackable_children(obj, save_type, **kwargs) -> dict:
+    """An object's checkpoint dependencies, by name."""
+    return obj._trackable_children(save_type, **kwargs)

@@ -1,0 +1,115 @@
+"""The step's first links: local gradients, then their reduced shards.
+
+`local_gradients` takes the gradients Keras hands to `apply` (dense tensors,
+`IndexedSlices`, None for a frozen variable) and makes each a flat, dense
+tensor whose length comes from its variable, never from the gradient: a
+tied embedding's gradient (a lookup plus a projection) has no static length.
+`flat_bucket` lays one bucket's local gradients end to end with its padding,
+and `reduce_to_shards` reduce-scatters every bucket, so each replica holds
+the summed gradient of its own slice. A stage-3 weight's gradient arrives
+already reduced (the backward pass of its gather reduce-scatters it) and is
+used as it is.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_zero import collectives
+from tf_zero.flat import dense_flat
+from tf_zero.plan import Bucket
+from tf_zero.sharded_state import variable_path
+from tf_zero.sharded_variable import is_sharded
+from tf_zero.shards import Shards
+
+
+def local_gradients(shards: Shards, grads, variables) -> tuple[list, frozenset]:
+    """Flat gradients by plan index, and the indices that have none.
+
+    Raises:
+        ValueError: a trainable variable with a gradient is not in the plan.
+    """
+    index_of = {id(v): i for i, v in enumerate(shards.variables)}
+    flat = [None] * len(shards.variables)
+    for g, v in zip(grads, variables):
+        i = index_of.get(id(v))
+        if i is None:
+            if g is None or not v.trainable:
+                continue
+            raise ValueError(
+                f"Variable {variable_path(v)} was not known when "
+                "ZeroOptimizer was built (by optimizer.build or by the first "
+                "apply_gradients). Build it on all trainable variables: call "
+                "optimizer.build(model.trainable_variables) under strategy.scope() "
+                "before training, or pass them all to the first apply_gradients.")
+        flat[i] = None if g is None else _flat_gradient(shards, i, g)
+    return flat, frozenset(i for i, g in enumerate(flat) if g is None)
+
+
+def _flat_gradient(shards: Shards, i: int, grad) -> tf.Tensor:
+    """Variable `i`'s gradient, flat and dense, its length from the plan.
+
+    A stage-3 weight's gradient is its reduced shard; any other is the local
+    gradient of the whole variable.
+    """
+    var = shards.variables[i]
+    if not is_sharded(var):
+        return dense_flat(grad, var.shape)
+    ((b, _),) = shards.plan.variable_segments(i)
+    bucket = shards.plan.buckets[b]
+    if isinstance(grad, tf.IndexedSlices) or (
+            grad.shape == var.shape and tuple(var.shape) != (bucket.shard_size,)):
+        # A gradient of the whole weight (given by hand, not by the gather's
+        # backward pass) is this replica's local gradient: reduce-scatter it
+        # like a stage-2 bucket of its own.
+        flat = tf.cast(dense_flat(grad, var.shape), bucket.dtype)
+        if bucket.padding:
+            flat = tf.concat([flat, tf.zeros([bucket.padding], bucket.dtype)], 0)
+        return reduce_scatter(flat, shards.reduce_dtype)
+    return tf.reshape(tf.convert_to_tensor(grad), [bucket.shard_size])
+
+
+def flat_bucket(bucket: Bucket, flat_grads) -> tf.Tensor:
+    """This replica's local gradients of one bucket, flat and padded."""
+    parts = []
+    for seg in bucket.segments:
+        g = flat_grads[seg.variable]
+        if g is None:
+            parts.append(tf.zeros([seg.size], bucket.dtype))
+        else:
+            parts.append(tf.cast(g[seg.start:seg.start + seg.size], bucket.dtype))
+    if bucket.padding:
+        parts.append(tf.zeros([bucket.padding], bucket.dtype))
+    return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def owned_gradient(bucket: Bucket, flat_grads) -> tf.Tensor:
+    """A stage-3 weight's gradient: already the summed shard."""
+    g = flat_grads[bucket.segments[0].variable]
+    if g is None:
+        return tf.zeros([bucket.shard_size], bucket.dtype)
+    return tf.cast(g, bucket.dtype)
+
+
+def local_buckets(shards: Shards, flat_grads) -> list:
+    """Every bucket's local gradient (a stage-3 weight's: its reduced shard)."""
+    return [owned_gradient(b, flat_grads) if shards.is_owned(b) else flat_bucket(b, flat_grads)
+            for b in shards.plan.buckets]
+
+
+def scatter_buckets(shards: Shards, bucket_grads) -> list:
+    """Reduce-scatters the local bucket gradients into this replica's shards."""
+    return [g if shards.is_owned(b) else reduce_scatter(g, shards.reduce_dtype)
+            for b, g in zip(shards.plan.buckets, bucket_grads)]
+
+
+def reduce_to_shards(shards: Shards, flat_grads) -> list:
+    """This replica's summed gradient shard of every bucket."""
+    return scatter_buckets(shards, local_buckets(shards, flat_grads))
+
+
+def reduce_scatter(flat: tf.Tensor, reduce_dtype=None) -> tf.Tensor:
+    """`collectives.reduce_scatter`, in `reduce_dtype` when one is set."""
+    if reduce_dtype and tf.as_dtype(reduce_dtype) != flat.dtype:
+        return tf.cast(collectives.reduce_scatter(tf.cast(flat, reduce_dtype)), flat.dtype)
+    return collectives.reduce_scatter(flat)

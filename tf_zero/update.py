@@ -1,0 +1,113 @@
+"""The step's last links: the inner update of the shards, then publishing them.
+
+`refresh_weight_shards` re-reads each replica's slice of the model's weights
+into its shard (the model variables stay the source of truth: a callback or
+`set_weights` may have changed them). `update_shards` runs the inner
+optimizer's own `update_step` on the shards, with its slots of the same
+shape: decoupled weight decay (masked to the variables the inner optimizer
+decays) first, and the pieces of variables without a gradient restored
+afterwards, weights and slots alike, so a frozen variable that shares a
+bucket comes out untouched. `publish` all-gathers the updated shards into
+every replica's model weights and applies constraints; a stage-3 weight's
+shard is its storage, so it is only constrained.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_zero import _private, collectives
+from tf_zero.shards import Shards, shard_mask
+
+
+def refresh_weight_shards(shards: Shards, rank: int) -> None:
+    """Copies this replica's slice of the model's weights into its shards."""
+    for bucket, storage in zip(shards.plan.buckets, shards.storage):
+        if not shards.is_owned(bucket):
+            _private.local_component(storage).assign(shards.read_weight_shard(bucket, rank))
+
+
+def update_shards(shards: Shards, inner, shard_grads, missing, rank: int) -> None:
+    """The inner optimizer's update of this replica's shards; one step counted."""
+    lr = inner.learning_rate
+    update_grads, update_vars, restore = [], [], []
+    for bucket, storage, grad in zip(shards.plan.buckets, shards.storage, shard_grads):
+        pieces = bucket.shard_pieces(rank)
+        frozen = [p for p in pieces if p.variable in missing]
+        if frozen and len(frozen) == len(pieces):
+            continue
+        if frozen:
+            # Variables without a gradient share this shard: their weights
+            # and slots must come out of the update untouched.
+            keep = shard_mask(bucket, pieces, lambda p: p.variable in missing)
+            state = [storage, *shards.slots[bucket.index]]
+            saved = [tf.identity(_private.local_component(v).read_value()) for v in state]
+            restore.append((keep, state, saved))
+        _weight_decay(shards, inner, bucket, storage, pieces, lr)
+        update_grads.append(grad)
+        update_vars.append(storage)
+    if update_vars:
+        _private.update_step(inner, update_grads, update_vars, lr)
+    for keep, state, saved in restore:
+        for v, old in zip(state, saved):
+            comp = _private.local_component(v)
+            comp.assign(tf.where(keep, old, comp.read_value()))
+    _private.local_component(inner.iterations).assign_add(1)
+
+
+def _weight_decay(shards, inner, bucket, storage, pieces, lr):
+    if inner.weight_decay is None:
+        return
+    decayed = [_private.uses_weight_decay(inner, shards.variables[p.variable]) for p in pieces]
+    if not any(decayed):
+        return
+    dtype = bucket.dtype
+    wd = tf.cast(inner.weight_decay, dtype)
+    lr = tf.cast(lr, dtype)
+    local = _private.local_component(storage)
+    if all(decayed):
+        local.assign_sub(local.read_value() * wd * lr)
+    else:
+        decay = dict(zip(pieces, decayed))
+        mask = tf.cast(shard_mask(bucket, pieces, decay.__getitem__), dtype)
+        local.assign_sub(local.read_value() * wd * lr * mask)
+
+
+def publish(shards: Shards, missing) -> None:
+    """All-gathers the updated shards into the model weights; constraints."""
+    gathered = {}
+    for bucket, storage in zip(shards.plan.buckets, shards.storage):
+        if shards.is_owned(bucket):
+            _constrain_owned(shards, bucket, storage, missing)
+            continue
+        gathered[bucket.index] = collectives.all_gather(
+            _private.local_component(storage).read_value())
+    owned = shards.owned_variables
+    for i, var in enumerate(shards.variables):
+        if i in missing or i in owned:
+            continue
+        parts = [gathered[b][s.offset:s.offset + s.size]
+                 for b, s in shards.plan.variable_segments(i)]
+        if not parts:
+            continue
+        value = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+        value = tf.reshape(value, var.shape)
+        if var.constraint is not None:
+            value = var.constraint(value)
+        _private.local_component(var).assign(tf.cast(value, var.dtype))
+
+
+def _constrain_owned(shards, bucket, storage, missing):
+    """A constraint needs the whole weight: gather, constrain, keep the shard."""
+    i = bucket.segments[0].variable
+    var = shards.variables[i]
+    if var.constraint is None or i in missing:
+        return
+    local = _private.local_component(storage)
+    full = collectives.all_gather(local.read_value())
+    value = var.constraint(tf.reshape(full[:bucket.size], var.shape))
+    flat = tf.reshape(tf.cast(value, bucket.dtype), [-1])
+    if bucket.padding:
+        flat = tf.concat([flat, tf.zeros([bucket.padding], bucket.dtype)], 0)
+    lo, hi = bucket.shard_range(collectives.rank())
+    local.assign(flat[lo:hi])
