@@ -134,6 +134,15 @@ def _sgd():
     return keras.optimizers.SGD(0.01, momentum=0.9)
 
 
+def _whole_tensor(name):
+    """Lamb, Adafactor or Muon, the optimizers tf_zero partitions by whole variable."""
+    import keras
+
+    return {"lamb": lambda: keras.optimizers.Lamb(1e-3, weight_decay=0.01),
+            "adafactor": lambda: keras.optimizers.Adafactor(1e-3),
+            "muon": lambda: keras.optimizers.Muon(1e-3)}[name]()
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     build: object
@@ -232,13 +241,16 @@ class Run:
     weights: list
     losses: list
     sharded_fraction: float  # of the trainable elements stored as stage-3 shards
+    optimizer: object = None
 
 
-def train(name, mode, devices, precision="float32", steps=3, batch=16, seed=1, grappler=False):
+def train(name, mode, devices, precision="float32", steps=3, batch=16, seed=1, grappler=False,
+          optimizer=None):
     """`steps` fit steps of model `name`; its weights and per-step losses.
 
     `grappler=False` turns TensorFlow's graph optimizer off during the run
-    (see `graph_optimizer`).
+    (see `graph_optimizer`). `optimizer`: "lamb", "adafactor" or "muon"
+    instead of the model's own.
     """
     import keras
 
@@ -252,7 +264,7 @@ def train(name, mode, devices, precision="float32", steps=3, batch=16, seed=1, g
         with strategy.scope():
             keras.utils.set_random_seed(seed)
             model = spec.build()
-            opt = spec.optimizer()
+            opt = _whole_tensor(optimizer) if optimizer else spec.optimizer()
             opt = densified(opt) if mode.startswith("mirrored") else tf_zero.ZeroOptimizer(opt)
             model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True))
@@ -262,7 +274,7 @@ def train(name, mode, devices, precision="float32", steps=3, batch=16, seed=1, g
     total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     sharded = sum(int(np.prod(v.shape)) for v in model.trainable_variables
                   if tf_zero.is_sharded(v))
-    return Run(model.get_weights(), losses, sharded / max(total, 1))
+    return Run(model.get_weights(), losses, sharded / max(total, 1), model.optimizer)
 
 
 def max_diff(a, b):

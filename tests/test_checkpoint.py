@@ -11,7 +11,10 @@ import tf_zero
 
 BATCH = 24
 OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
-              "adam": lambda: keras.optimizers.Adam(0.01)}
+              "adam": lambda: keras.optimizers.Adam(0.01),
+              # Whole-variable partition; factored slots of other shapes than
+              # their variables, named after the variable, not its path.
+              "adafactor": lambda: keras.optimizers.Adafactor(0.01)}
 
 
 def compiled(strategy, make_opt, zero=True, stage=None):

@@ -252,7 +252,8 @@ def test_launcher_forwards_sigterm_and_waits_for_the_backup(tmp_path):
 # block uses what an earlier one made (`model`, `strategy`).
 DOC_FILES = ("README.md", "docs/semantics.md", "docs/mixed-precision.md",
              "docs/accumulation.md", "docs/multi-worker.md", "docs/stage3.md",
-             "docs/models.md", "docs/checkpoints.md", "docs/architecture.md",
+             "docs/models.md", "docs/whole-variable.md", "docs/checkpoints.md",
+             "docs/architecture.md",
              "docs/benchmarks.md", "docs/limits.md", "docs/tests.md")
 
 

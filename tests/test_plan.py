@@ -97,3 +97,61 @@ def test_alone_variables_get_a_bucket_each():
     assert len(big.buckets) == 1 and big.buckets[0].shard_size == 334
     with pytest.raises(ValueError, match="alone"):
         plan_shards([(2,)], ["float32"], 2, 1024, alone=[True, False])
+
+
+# ---- the whole-variable partition ---------------------------------------------
+
+from tf_zero.plan import plan_owners  # noqa: E402
+
+TRANSFORMER = ([(64, 64)] * 4 + [(64, 256), (256, 64), (64,), (64,), (256,)]) * 6 + [(1000, 64)]
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("bucket_bytes", [16, 4096, 1 << 20])
+def test_owner_plan_keeps_variables_whole_and_lossless(num_shards, bucket_bytes):
+    shapes = [(3, 5), (), (0, 4), (7,), (2, 2, 3), (1,), (9, 2)]
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=s) for s in shapes]
+    plan = plan_owners(shapes, ["float32"] * len(shapes), num_shards, bucket_bytes)
+    assert plan.partition == "whole"
+    for got, want in zip(_rebuild(plan, values), values):
+        np.testing.assert_array_equal(got, want)
+    for i, shape in enumerate(shapes):
+        segments = plan.variable_segments(i)
+        assert len(segments) == 1 and segments[0][1].start == 0  # whole, once
+        owner = plan.owner(i)
+        pieces = [p for b in plan.buckets for p in b.shard_pieces(owner) if p.variable == i]
+        assert sum(p.size for p in pieces) == int(np.prod(shape))
+    for b in plan.buckets:
+        loads = [sum(p.size for p in b.shard_pieces(r)) for r in range(num_shards)]
+        assert b.shard_size == max(max(loads), 1)
+        ends = [s.offset + s.size for s in b.segments]
+        assert all(e <= s.offset for e, s in zip(ends, b.segments[1:]))  # no overlap
+
+
+def test_owner_plan_is_deterministic_and_balanced_on_a_transformer():
+    dtypes = ["float32"] * len(TRANSFORMER)
+    plan = plan_owners(TRANSFORMER, dtypes, 4, 8 << 20)
+    assert plan == plan_owners(TRANSFORMER, dtypes, 4, 8 << 20)
+    # 24 equal attention matrices and 12 MLP matrices spread evenly; the
+    # 64k-element embedding alone is what stands above the ideal.
+    assert plan.imbalance < 1.25, plan.imbalance
+    no_embedding = plan_owners(TRANSFORMER[:-1], dtypes[:-1], 4, 8 << 20)
+    assert no_embedding.imbalance < 1.02, no_embedding.imbalance
+    # Elements split across replicas are balanced by construction.
+    assert plan_shards(TRANSFORMER, dtypes, 4, 8 << 20).imbalance < 1.0001
+
+
+def test_owner_plan_examples_and_errors():
+    plan = plan_owners([(4, 4), (4, 4), (3,)], ["float32"] * 3, 2, 1 << 20)
+    assert [plan.owner(i) for i in range(3)] == [0, 1, 0]
+    assert plan.buckets[0].shard_size == 19 and plan.replica_bytes(1) == 64
+    # Largest first onto the least-loaded replica: 5, 4, 3 -> r0, r1, r1.
+    plan = plan_owners([(3,), (5,), (4,)], ["float32"] * 3, 2, 1 << 20)
+    assert [plan.owner(i) for i in range(3)] == [1, 0, 1]
+    with pytest.raises(ValueError, match="element split"):
+        plan_shards([(2,)], ["float32"], 2, 64).owner(0)
+    with pytest.raises(ValueError, match="num_shards"):
+        plan_owners([(2,)], ["float32"], 0, 64)
+    with pytest.raises(ValueError, match="dtypes"):
+        plan_owners([(2,)], [], 2, 64)

@@ -70,16 +70,19 @@ def _flat_gradient(shards: Shards, i: int, grad) -> tf.Tensor:
 
 
 def flat_bucket(bucket: Bucket, flat_grads) -> tf.Tensor:
-    """This replica's local gradients of one bucket, flat and padded."""
-    parts = []
-    for seg in bucket.segments:
+    """This replica's local gradients of one bucket, flat, zeros in the padding."""
+    parts, position = [], 0
+    for seg in bucket.segments:  # in offset order
+        if seg.offset > position:
+            parts.append(tf.zeros([seg.offset - position], bucket.dtype))
         g = flat_grads[seg.variable]
         if g is None:
             parts.append(tf.zeros([seg.size], bucket.dtype))
         else:
             parts.append(tf.cast(g[seg.start:seg.start + seg.size], bucket.dtype))
-    if bucket.padding:
-        parts.append(tf.zeros([bucket.padding], bucket.dtype))
+        position = seg.offset + seg.size
+    if position < bucket.padded_size:
+        parts.append(tf.zeros([bucket.padded_size - position], bucket.dtype))
     return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
 
 

@@ -137,6 +137,12 @@ def memory_report(optimizer, model=None) -> MemoryReport:
         unsharded_slots = sum(
             sum(bucket.size * tf.as_dtype(s.dtype).size for s in slots)
             for bucket, slots in zip(shards.plan.buckets, shards.slots))
+        for owned in shards.owners.values():  # whole variables: slots on their owner
+            for slots in owned.slot_lists.values():
+                for slot in slots:
+                    for c in _private.components(slot):
+                        _add(acc, c.device, "slots", _nbytes(c))
+                    unsharded_slots += _nbytes(_private.tf_variable(slot))
         unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
     else:
         stage = 0

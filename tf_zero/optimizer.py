@@ -36,7 +36,7 @@ from tf_zero.step import ShardedStep
 
 @keras.saving.register_keras_serializable(package="tf_zero")
 class ZeroOptimizer(keras.optimizers.Optimizer):
-    """ZeRO stages 1-3 around any element-wise Keras optimizer.
+    """ZeRO stages 1-3 around any Keras optimizer.
 
     See the module docstring for the algorithm. Built by `model.fit`, by
     `optimizer.build(variables)` under `strategy.scope()`, or by the first
@@ -55,13 +55,17 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             strategy's, else each bucket's own.
         accumulation_steps: micro-batches per update (see
             `GradientAccumulationOptimizer`).
+        partition: "element" (each variable split across replicas) or
+            "whole" (each variable owned whole by one replica, for optimizers
+            whose update needs the whole tensor); default: "whole" for Lamb,
+            Adafactor and Muon, "element" for the others.
         name: optimizer name.
 
     Raises:
         TypeError: `inner_optimizer` is not a Keras optimizer.
-        ValueError: the inner optimizer needs whole tensors (Lamb, Adafactor,
-            Muon), uses EMA or Keras' `gradient_accumulation_steps`, or an
-            argument is invalid.
+        ValueError: the inner optimizer uses EMA or Keras'
+            `gradient_accumulation_steps`, `partition="element"` is asked of an
+            optimizer that needs whole tensors, or an argument is invalid.
     """
 
     # A ZeroOptimizer passed to ZeroOptimizer(...) is refused; the subclass
@@ -69,11 +73,13 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     _wrappable = False
 
     def __init__(self, inner_optimizer, *, stage=None, bucket_size_bytes=None,
-                 reduce_dtype=None, accumulation_steps=1, name=None, **kwargs):
+                 reduce_dtype=None, accumulation_steps=1, partition=None, name=None,
+                 **kwargs):
         if isinstance(inner_optimizer, ZeroOptimizer) and inner_optimizer._wrappable:
             # ZeroOptimizer(GradientAccumulationOptimizer(opt, k)) is the same
             # optimizer as GradientAccumulationOptimizer(ZeroOptimizer(opt), k).
             accumulation_steps = inner_optimizer.accumulation_steps
+            partition = partition or inner_optimizer.get_config()["partition"]
             inner_optimizer, stage, bucket_size_bytes, reduce_dtype = _unwrap(
                 inner_optimizer, stage, bucket_size_bytes, reduce_dtype)
         support.validate(inner_optimizer, stage, bucket_size_bytes, reduce_dtype,
@@ -81,7 +87,8 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name or f"zero_{inner_optimizer.name}")
         self._inner = inner_optimizer
         self._requested = {"stage": stage, "bucket_size_bytes": bucket_size_bytes,
-                           "reduce_dtype": reduce_dtype}
+                           "reduce_dtype": reduce_dtype, "partition": partition}
+        self._partition = support.choose_partition(inner_optimizer, partition)
         self._accumulation_steps = accumulation_steps
         self._accumulator = None
         self._zero_config = None
@@ -144,6 +151,11 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
     @property
     def is_sharded(self) -> bool:
         return self._shards is not None
+
+    @property
+    def partition(self) -> str:
+        """"element" (every variable split across replicas) or "whole"."""
+        return self._partition
 
     @property
     def accumulation_steps(self) -> int:
@@ -213,15 +225,19 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
             self._accumulator = Accumulator(self._accumulation_steps)
         if not tf.distribute.has_strategy() or isinstance(
                 strategy, tf.distribute.OneDeviceStrategy):
-            self._inner.build(var_list)
+            with _private.keras_tracking():  # as the plain optimizer would build
+                self._inner.build(var_list)
             self._checkpoint.add_unsharded(self._inner, var_list)
             if self._accumulator:
                 self._accumulator.build_unsharded(self._model_variables)
         else:
             self._inner = inner = inner_in_scope(self._inner, strategy)
+            if self._partition == "whole":
+                support.check_whole_partition(inner, config, strategy, self._model_variables)
             support.check_stage3(config, strategy, self._model_variables)
             self._shards = build_shards(inner, self._model_variables, strategy,
-                                        config.bucket_size_bytes, config.reduce_dtype)
+                                        config.bucket_size_bytes, config.reduce_dtype,
+                                        partition=self._partition)
             for v in self._shards.storage:
                 self._track_variable(v)
             self._checkpoint.add_sharded(inner, self._shards)
@@ -350,6 +366,7 @@ class GradientAccumulationOptimizer(ZeroOptimizer):
                 raise ValueError(
                     "The inner optimizer already accumulates gradients; wrap the "
                     "plain optimizer once: GradientAccumulationOptimizer(Adam(), steps=k).")
+            kwargs.setdefault("partition", inner_optimizer.get_config()["partition"])
             inner_optimizer, stage, bucket_size_bytes, reduce_dtype = _unwrap(
                 inner_optimizer, stage, bucket_size_bytes, reduce_dtype)
         super().__init__(inner_optimizer, stage=stage, bucket_size_bytes=bucket_size_bytes,

@@ -1,11 +1,20 @@
-"""The shard plan: a pure function from variable shapes to flat buckets.
+"""The shard plans: pure functions from variable shapes to flat buckets.
 
 Every replica computes the same plan from the same inputs, with no TensorFlow
-state involved. Variables are laid end to end, in the order given, into flat
-buckets of one dtype and at most `bucket_size_bytes` each; a large variable
-spills over into the next bucket. Each bucket is padded with zeros to a
-multiple of the shard count and split into equal contiguous shards: shard `r`
-of every bucket belongs to replica `r`. Padding never reaches a variable.
+state involved. In every plan a bucket is a flat run of one dtype split into
+equal contiguous shards, shard `r` of every bucket belonging to replica `r`,
+so one reduce-scatter gives each replica its shard's summed gradient and one
+all-gather publishes every shard. Padding never reaches a variable. Two kinds:
+
+* `plan_shards`, the element split: variables are laid end to end, in the
+  order given, into buckets of at most `bucket_size_bytes`; a large variable
+  spills over into the next bucket; each bucket is zero-padded to a multiple
+  of the shard count. Every replica owns 1/N of every variable.
+* `plan_owners`, the whole-variable partition: every variable is owned whole
+  by one replica, chosen by a balanced deterministic rule (largest first onto
+  the least-loaded replica); inside a bucket each replica's variables lie end
+  to end in its shard, padded to the largest shard. The padding is the price
+  of imbalance: `ShardPlan.imbalance` reports it.
 """
 
 from __future__ import annotations
@@ -44,9 +53,13 @@ class Bucket:
     segments: tuple[Segment, ...]
     size: int
     num_shards: int
+    whole_shard_size: int = 0
+    """Set by `plan_owners`: the shard size (the largest replica's load)."""
 
     @property
     def shard_size(self) -> int:
+        if self.whole_shard_size:
+            return self.whole_shard_size
         return math.ceil(self.size / self.num_shards) if self.size else 0
 
     @property
@@ -85,6 +98,8 @@ class ShardPlan:
     dtypes: tuple[str, ...]
     num_shards: int
     buckets: tuple[Bucket, ...]
+    partition: str = "element"
+    """"element" (`plan_shards`) or "whole" (`plan_owners`)."""
 
     @property
     def num_variables(self) -> int:
@@ -119,10 +134,60 @@ class ShardPlan:
     def total_elements(self) -> int:
         return sum(b.size for b in self.buckets)
 
+    def owner(self, variable: int) -> int:
+        """The replica that owns a whole variable (whole-variable plans).
+
+        Raises:
+            ValueError: the plan splits variables (`partition == "element"`).
+        """
+        if self.partition != "whole":
+            raise ValueError("owner() is for whole-variable plans; an element "
+                             "split has an owner per element (owner_of).")
+        ((b, seg),) = self.variable_segments(variable) or ((0, None),)
+        if seg is None:
+            return 0  # an empty variable
+        return seg.offset // self.buckets[b].shard_size
+
+    def replica_bytes(self, rank: int) -> int:
+        """Bytes of variable elements (no padding) in shard `rank` of all buckets."""
+        _check_rank(rank, self.num_shards)
+        return sum(p.size * _itemsize(b.dtype) for b in self.buckets
+                   for p in b.shard_pieces(rank))
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest replica's bytes / ideal (total / N); 1.0 is perfect balance."""
+        total = sum(self.replica_bytes(r) for r in range(self.num_shards))
+        if not total:
+            return 1.0
+        return max(self.replica_bytes(r) for r in range(self.num_shards)) * (
+            self.num_shards / total)
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
 
 def _check_rank(rank, num_shards):
     if not 0 <= rank < num_shards:
         raise IndexError(f"rank {rank} is outside [0, {num_shards})")
+
+
+def _validated(shapes, dtypes, num_shards, bucket_size_bytes):
+    if len(shapes) != len(dtypes):
+        raise ValueError(f"got {len(shapes)} shapes but {len(dtypes)} dtypes")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if bucket_size_bytes < 1:
+        raise ValueError(
+            f"bucket_size_bytes must be positive, got {bucket_size_bytes!r}")
+    shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+    for shape in shapes:
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+    dtypes = tuple(str(np.dtype(d).name) if d != "bfloat16" else "bfloat16"
+                   for d in dtypes)
+    return shapes, dtypes
 
 
 def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
@@ -152,22 +217,10 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
         >>> [(b.size, b.shard_size, b.padding) for b in plan.buckets]
         [(11, 3, 1)]
     """
-    if len(shapes) != len(dtypes):
-        raise ValueError(f"got {len(shapes)} shapes but {len(dtypes)} dtypes")
+    shapes, dtypes = _validated(shapes, dtypes, num_shards, bucket_size_bytes)
     alone = tuple(bool(a) for a in alone) if alone is not None else (False,) * len(shapes)
     if len(alone) != len(shapes):
         raise ValueError(f"got {len(shapes)} shapes but {len(alone)} `alone` flags")
-    if not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
-    if bucket_size_bytes < 1:
-        raise ValueError(
-            f"bucket_size_bytes must be positive, got {bucket_size_bytes!r}")
-    shapes = tuple(tuple(int(d) for d in s) for s in shapes)
-    for shape in shapes:
-        if any(d < 0 for d in shape):
-            raise ValueError(f"negative dimension in shape {shape}")
-    dtypes = tuple(str(np.dtype(d).name) if d != "bfloat16" else "bfloat16"
-                   for d in dtypes)
 
     buckets: list[Bucket] = []
     current: list[Segment] = []
@@ -195,7 +248,7 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
         if dtype != current_dtype:
             close()
             current_dtype = dtype
-            itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+            itemsize = _itemsize(dtype)
             capacity = max(bucket_size_bytes // itemsize, num_shards)
         start = 0
         while start < size:
@@ -207,3 +260,70 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
             start += take
     close()
     return ShardPlan(shapes, dtypes, num_shards, tuple(buckets))
+
+
+def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
+                num_shards: int, bucket_size_bytes: int) -> ShardPlan:
+    """Gives every variable whole to one replica, balanced, in flat buckets.
+
+    Within each dtype, variables are taken largest first (ties: lower index
+    first) and grouped into buckets of about `bucket_size_bytes` (a bucket
+    closes once it holds that much; a larger variable is a bucket of its
+    own), so a bucket holds variables of similar size. Inside a bucket each
+    variable goes to the replica with the least bytes in that bucket so far,
+    then the least bytes in all buckets, then the lowest rank. Replica `r`'s
+    variables lie end to end, in index order, at the start of shard `r`; the
+    shard size is the largest replica's load, the rest is padding.
+
+    Args:
+        shapes, dtypes, num_shards, bucket_size_bytes: as for `plan_shards`.
+
+    Returns:
+        A `ShardPlan` with `partition == "whole"`; `plan.owner(i)` is the
+        replica that owns variable `i`.
+
+    Raises:
+        ValueError: as for `plan_shards`.
+
+    Example:
+        >>> plan = plan_owners([(4, 4), (4, 4), (3,)], ["float32"] * 3, 2, 1 << 20)
+        >>> [plan.owner(i) for i in range(3)], plan.buckets[0].shard_size
+        ([0, 1, 0], 19)
+    """
+    shapes, dtypes = _validated(shapes, dtypes, num_shards, bucket_size_bytes)
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    groups: list[list[int]] = []
+    for dtype in dict.fromkeys(dtypes):
+        order = sorted((i for i, d in enumerate(dtypes) if d == dtype),
+                       key=lambda i: (-sizes[i], i))
+        capacity = max(bucket_size_bytes // _itemsize(dtype), 1)
+        current, filled = [], 0
+        for i in order:
+            current.append(i)
+            filled += sizes[i]
+            if filled >= capacity:
+                groups.append(current)
+                current, filled = [], 0
+        if current:
+            groups.append(current)
+    total_load = [0] * num_shards
+    buckets = []
+    for index, members in enumerate(groups):
+        load = [0] * num_shards
+        owned: list[list[int]] = [[] for _ in range(num_shards)]
+        for i in members:  # largest first
+            rank = min(range(num_shards), key=lambda r: (load[r], total_load[r], r))
+            owned[rank].append(i)
+            load[rank] += sizes[i]
+            total_load[rank] += sizes[i]
+        shard_size = max(max(load), 1)
+        segments = []
+        for rank in range(num_shards):
+            offset = rank * shard_size
+            for i in sorted(owned[rank]):
+                segments.append(Segment(i, 0, sizes[i], offset))
+                offset += sizes[i]
+        segments.sort(key=lambda s: s.offset)
+        buckets.append(Bucket(index, dtypes[members[0]], tuple(segments), sum(load),
+                              num_shards, whole_shard_size=shard_size))
+    return ShardPlan(shapes, dtypes, num_shards, tuple(buckets), partition="whole")

@@ -8,6 +8,10 @@ filled from the model's weights), and builds the inner optimizer on those
 shards, so every slot it creates has the shard's shape and exists only for
 the slice. A stage-3 weight is a bucket of its own whose shard is the
 weight's storage: nothing is copied for it.
+
+Under the whole-variable partition (`plan_owners`, for optimizers that need
+whole tensors) there are no shard variables: each variable's optimizer lives
+on the replica that owns it (`tf_zero.owners`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.plan import Bucket, ShardPlan, plan_shards
+from tf_zero.owners import build_owned
+from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
 
 # Optimizers whose build() initializes a slot from the variable's value; the
@@ -41,6 +46,8 @@ class Shards:
             storage (updated in place, never all-gathered).
         strategy: the strategy the state lives on.
         reduce_dtype: dtype of the reduce-scatter, or None (the bucket's).
+        owners: whole-variable partition only: {local rank:
+            `tf_zero.owners.OwnedVariables`}.
     """
 
     plan: ShardPlan
@@ -50,6 +57,12 @@ class Shards:
     owned: frozenset
     strategy: object
     reduce_dtype: str | None = None
+    owners: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def whole(self) -> bool:
+        """Whether variables are owned whole (else split element-wise)."""
+        return self.plan.partition == "whole"
 
     @property
     def owned_variables(self) -> frozenset:
@@ -81,18 +94,26 @@ def shard_mask(bucket: Bucket, pieces, predicate) -> tf.Tensor:
     return tf.constant(mask)
 
 
-def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=None) -> Shards:
+def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=None,
+                 partition="element") -> Shards:
     """Plans `variables`, creates their shards and builds `inner` on them.
 
-    Runs in cross-replica context under `strategy.scope()`.
+    Runs in cross-replica context under `strategy.scope()`. With
+    `partition="whole"`, plans owners instead and builds each variable's
+    optimizer on its owner (`tf_zero.owners`).
 
     Raises:
         ValueError: the inner optimizer creates a variable that is not an
             element-wise slot of a shard (it is not element-wise).
     """
     n = strategy.num_replicas_in_sync
-    owned = [is_sharded(v) for v in variables]
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
+    if partition == "whole":
+        plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes)
+        return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
+                      owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
+                      owners=build_owned(inner, variables, plan, strategy))
+    owned = [is_sharded(v) for v in variables]
     plan = plan_shards([tuple(v.shape) for v in variables], dtypes, n,
                        bucket_size_bytes, alone=owned)
     owned_buckets = frozenset(
@@ -103,7 +124,8 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
         if bucket.index in owned_buckets:
             # A stage-3 weight: its storage already is this bucket's shard.
             shard = _private.sharded_storage(variables[bucket.segments[0].variable]).shard
-            storage.append(_keras_view(shard, name))
+            storage.append(_private.keras_view(
+                shard, name=name, synchronization="on_read", aggregation="only_first_replica"))
             continue
         storage.append(keras.Variable(
             initializer="zeros", shape=(bucket.shard_size,),
@@ -183,18 +205,6 @@ def _fill_from_model(shards: Shards) -> None:
                 joined = np.concatenate(parts)
                 values[:joined.size] = joined
             comp.assign(values)
-
-
-def _keras_view(tf_variable, name):
-    """A `keras.Variable` whose storage is an existing `tf.Variable`."""
-
-    def existing(next_creator, **kwargs):
-        return tf_variable
-
-    with tf.variable_creator_scope(existing):
-        return keras.Variable(initializer="zeros", shape=tuple(tf_variable.shape),
-                              dtype=tf_variable.dtype.name, trainable=False, name=name,
-                              synchronization="on_read", aggregation="only_first_replica")
 
 
 def _match_slots(inner, storage, slots):

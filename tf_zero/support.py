@@ -1,11 +1,14 @@
-"""What ZeroOptimizer accepts: its arguments and the optimizers it can shard.
+"""What ZeroOptimizer accepts: its arguments, and how it partitions the state.
 
 An element-wise optimizer (SGD, Adam, AdamW, Adamax, Nadam, RMSprop,
 Adagrad, Adadelta, Ftrl, Lion, ...) updates every element of a variable from
 that element's gradient and slots alone, so any slice of a bucket can be
-updated on its own: the element split of `tf_zero.plan`. Optimizers that need
-a whole tensor are refused with an error naming what to use instead. Errors
-are raised at construction, before anything is built.
+updated on its own: the element split of `tf_zero.plan.plan_shards`.
+Optimizers whose update needs a whole tensor (Lamb's per-layer trust ratio,
+Adafactor's factored second moments, Muon's orthogonalization) get the
+whole-variable partition (`plan_owners`): each variable is updated whole by
+the replica that owns it. Errors are raised at construction, before anything
+is built, and name what to use instead.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import warnings
 
 import keras
 
+from tf_zero import _private
 from tf_zero.config import ZeroConfig
 from tf_zero.sharded_variable import is_sharded
 
@@ -21,6 +25,33 @@ from tf_zero.sharded_variable import is_sharded
 # factored second moments, a matrix orthogonalization). Splitting a variable
 # across replicas would silently change their math.
 WHOLE_TENSOR_OPTIMIZERS = ("Lamb", "Adafactor", "Muon")
+PARTITIONS = ("element", "whole")
+
+
+def needs_whole_tensors(inner) -> bool:
+    """Whether `inner` is (a subclass of) a Keras whole-tensor optimizer."""
+    return any(k.__name__ in WHOLE_TENSOR_OPTIMIZERS and k.__module__.startswith("keras")
+               for k in type(inner).__mro__)
+
+
+def choose_partition(inner, requested=None) -> str:
+    """"whole" for whole-tensor optimizers, else "element"; or as requested.
+
+    Raises:
+        ValueError: an unknown partition, or "element" for an optimizer that
+            needs whole tensors (its math would change).
+    """
+    if requested is None:
+        return "whole" if needs_whole_tensors(inner) else "element"
+    if requested not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS} (or None: chosen "
+                         f"from the optimizer), got {requested!r}")
+    if requested == "element" and needs_whole_tensors(inner):
+        raise ValueError(
+            f"{type(inner).__name__} updates each variable as a whole tensor; "
+            "splitting variables across replicas would change its math. Use "
+            "partition='whole' (the default for it).")
+    return requested
 
 
 def validate(inner, stage, bucket_size_bytes, reduce_dtype, accumulation_steps, kwargs):
@@ -63,15 +94,7 @@ def validate(inner, stage, bucket_size_bytes, reduce_dtype, accumulation_steps, 
 
 
 def check_supported(inner):
-    """Refuses optimizers whose math a split would change (or that ZeRO cannot host)."""
-    for klass in type(inner).__mro__:
-        if klass.__name__ in WHOLE_TENSOR_OPTIMIZERS and klass.__module__.startswith("keras"):
-            raise ValueError(
-                f"{klass.__name__} updates each variable as a whole tensor, so "
-                "tf_zero cannot split it across replicas without changing its "
-                "math, and does not shard it yet. Use an element-wise optimizer "
-                "(SGD, Adam, AdamW, Adamax, Nadam, RMSprop, Adagrad, Adadelta, "
-                f"Ftrl, Lion) or train {klass.__name__} unwrapped.")
+    """Refuses what ZeroOptimizer cannot host: EMA, Keras' own accumulation."""
     if inner.use_ema:
         raise ValueError(
             "ZeroOptimizer does not support use_ema=True on the inner optimizer "
@@ -83,6 +106,33 @@ def check_supported(inner):
             "ZeroOptimizer (it also fails under MirroredStrategy, "
             "keras-team/keras#20582). Use tf_zero.GradientAccumulationOptimizer("
             "inner, steps=k) instead, and remove it from the inner optimizer.")
+
+
+def check_whole_partition(inner, config, strategy, variables):
+    """The whole-variable partition runs at stages 1 and 2, on one worker.
+
+    Raises:
+        ValueError: stage 3 or stage-3 weights (their storage is split
+            element-wise), or several workers.
+    """
+    if config.stage == 3 or any(is_sharded(v) for v in variables):
+        raise ValueError(
+            f"{type(inner).__name__} updates whole variables, which stage 3 "
+            "splits across replicas. Train it at stage 2 (ZeroStrategy(stage=2), "
+            "ZeroOptimizer(..., stage=2)): its slots are still partitioned, each "
+            "variable's on one replica.")
+    if _private.worker_count(strategy) > 1:
+        raise ValueError(
+            f"ZeroOptimizer's whole-variable partition ({type(inner).__name__}) "
+            "runs on one worker (any number of local replicas) in this version. "
+            "Use an element-wise optimizer (AdamW, Lion, ...) across workers, or "
+            "one worker with several devices.")
+    names = [v.path for v in variables]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            "The whole-variable partition names each variable's optimizer state "
+            "by the variable's path, and two trainable variables share one: give "
+            "the layers distinct names.")
 
 
 def check_stage3(config, strategy, variables):

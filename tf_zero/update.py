@@ -21,7 +21,10 @@ from tf_zero.shards import Shards, shard_mask
 
 
 def refresh_weight_shards(shards: Shards, rank: int) -> None:
-    """Copies this replica's slice of the model's weights into its shards."""
+    """Copies this replica's slice of the model's weights into its shards.
+
+    (Whole variables are updated in the model's own copy: nothing to copy.)
+    """
     for bucket, storage in zip(shards.plan.buckets, shards.storage):
         if not shards.is_owned(bucket):
             _private.local_component(storage).assign(shards.read_weight_shard(bucket, rank))
@@ -29,6 +32,9 @@ def refresh_weight_shards(shards: Shards, rank: int) -> None:
 
 def update_shards(shards: Shards, inner, shard_grads, missing, rank: int) -> None:
     """The inner optimizer's update of this replica's shards; one step counted."""
+    if shards.whole:
+        _update_owned(shards, inner, shard_grads, missing, rank)
+        return
     lr = inner.learning_rate
     update_grads, update_vars, restore = [], [], []
     for bucket, storage, grad in zip(shards.plan.buckets, shards.storage, shard_grads):
@@ -52,6 +58,25 @@ def update_shards(shards: Shards, inner, shard_grads, missing, rank: int) -> Non
         for v, old in zip(state, saved):
             comp = _private.local_component(v)
             comp.assign(tf.where(keep, old, comp.read_value()))
+    _private.local_component(inner.iterations).assign_add(1)
+
+
+def _update_owned(shards, inner, shard_grads, missing, rank):
+    """Each whole variable this replica owns, by its own optimizer, in place."""
+    owned = shards.owners[rank]
+    lr = inner.learning_rate
+    for bucket, grad in zip(shards.plan.buckets, shard_grads):
+        for p in bucket.shard_pieces(rank):
+            if p.variable in missing:
+                continue
+            view = owned.views[p.variable]
+            if inner.weight_decay is not None and _private.uses_weight_decay(
+                    inner, shards.variables[p.variable]):
+                wd = tf.cast(inner.weight_decay, view.dtype)
+                view.assign_sub(view.value * wd * tf.cast(lr, view.dtype))
+            g = tf.reshape(grad[p.offset:p.offset + p.size], view.shape)
+            _private.update_step(owned.optimizers[p.variable], [tf.cast(g, view.dtype)],
+                                 [view], lr)
     _private.local_component(inner.iterations).assign_add(1)
 
 
@@ -82,6 +107,10 @@ def publish(shards: Shards, missing) -> None:
             continue
         gathered[bucket.index] = collectives.all_gather(
             _private.local_component(storage).read_value())
+    for bucket in shards.plan.buckets if shards.whole else ():
+        # The owners updated their copies of the weights: publish those.
+        gathered[bucket.index] = collectives.all_gather(
+            shards.read_weight_shard(bucket, collectives.rank()))
     owned = shards.owned_variables
     for i, var in enumerate(shards.variables):
         if i in missing or i in owned:

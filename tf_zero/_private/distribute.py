@@ -303,3 +303,24 @@ def export_to_saved_model_graph(variable, object_map, tensor_map, options, **kwa
 def write_object_proto(variable, proto, options):
     """A variable's own SavedModel object proto."""
     return variable._write_object_proto(proto, options)
+
+
+def local_variable_creator(device: str):
+    """A variable creator for state that lives on one replica's device only.
+
+    Under a strategy's scope every new variable is distributed (a component
+    per replica). The whole-variable partition keeps an optimizer slot only
+    on the replica that owns the variable: this creator builds a plain
+    resource variable on `device` directly, bypassing the strategy's creator.
+    """
+    from tensorflow.python.ops import resource_variable_ops
+
+    accepted = ("initial_value", "trainable", "name", "dtype", "constraint",
+                "shape", "caching_device", "validate_shape")
+
+    def creator(next_creator, **kwargs):
+        args = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        with tf.device(device):
+            return resource_variable_ops.ResourceVariable(**args)
+
+    return creator

@@ -4,6 +4,8 @@ tf_zero's optimizer reads."""
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -120,3 +122,66 @@ def uses_weight_decay(optimizer, variable) -> bool:
 def trackable_children(obj, save_type, **kwargs) -> dict:
     """An object's checkpoint dependencies, by name."""
     return obj._trackable_children(save_type, **kwargs)
+
+
+def keras_view(tf_variable, like=None, name=None, **kwargs):
+    """A `keras.Variable` whose storage is an existing `tf.Variable`.
+
+    With `like`, the view takes that Keras variable's name and path (optimizers
+    name their slots after the path, and Muon decides by it).
+    """
+
+    def existing(next_creator, **_):
+        return tf_variable
+
+    with tf.variable_creator_scope(existing):
+        view = keras.Variable(initializer="zeros", shape=tuple(tf_variable.shape),
+                              dtype=tf_variable.dtype.name, trainable=False,
+                              name=name or (like.name if like is not None else None), **kwargs)
+    if like is not None:
+        view._path = like.path
+    return view
+
+
+def share_iterations(optimizer, iterations) -> None:
+    """Makes `optimizer` count its steps in another optimizer's `iterations`."""
+    optimizer._iterations = iterations
+
+
+class _Unplaced:
+    """Stands for a strategy where an optimizer places its variables itself."""
+
+    class extended:  # noqa: N801 (the attribute Keras reads)
+        @staticmethod
+        def colocate_vars_with(variable):
+            return contextlib.nullcontext()
+
+
+def detach_from_strategy(optimizer) -> None:
+    """Makes `optimizer` create its slots without the strategy's placement.
+
+    Keras' TensorFlow optimizer remembers the strategy it was created under
+    and colocates each slot with its (distributed) reference variable; an
+    optimizer whose slots are plain variables on one device (placed by a
+    variable creator) must not. Its update must run locally too
+    (`mark_local_update`): the strategy is gone for it.
+    """
+    optimizer._distribution_strategy = _Unplaced()
+
+
+@contextlib.contextmanager
+def keras_tracking():
+    """Keras' attribute tracking on, as in a plain optimizer's `build`.
+
+    (ZeroOptimizer builds with it off; an inner optimizer whose `build`
+    registers variables only through tracked lists, like Adafactor's
+    placeholders, needs it on to hold what the plain optimizer holds.)
+    """
+    from keras.src.backend.common import global_state
+
+    saved = global_state.get_global_attribute("tracking_on", True)
+    global_state.set_global_attribute("tracking_on", True)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("tracking_on", saved)
