@@ -117,14 +117,17 @@ def test_owner_plan_keeps_variables_whole_and_lossless(num_shards, bucket_bytes)
     for got, want in zip(_rebuild(plan, values), values):
         np.testing.assert_array_equal(got, want)
     for i, shape in enumerate(shapes):
-        segments = plan.variable_segments(i)
-        assert len(segments) == 1 and segments[0][1].start == 0  # whole, once
         owner = plan.owner(i)
         pieces = [p for b in plan.buckets for p in b.shard_pieces(owner) if p.variable == i]
+        # Whole on its owner: its pieces, in bucket order, run from 0 to its end.
+        starts = [0] + [int(x) for x in np.cumsum([p.size for p in pieces])][:-1]
+        assert [p.start for p in pieces] == (starts if pieces else [])
         assert sum(p.size for p in pieces) == int(np.prod(shape))
+        assert all(p.variable != i for r in range(num_shards) if r != owner
+                   for b in plan.buckets for p in b.shard_pieces(r))
     for b in plan.buckets:
         loads = [sum(p.size for p in b.shard_pieces(r)) for r in range(num_shards)]
-        assert b.shard_size == max(max(loads), 1)
+        assert b.shard_size == max(loads)  # the busiest replica fills its shard
         ends = [s.offset + s.size for s in b.segments]
         assert all(e <= s.offset for e, s in zip(ends, b.segments[1:]))  # no overlap
 
@@ -138,6 +141,12 @@ def test_owner_plan_is_deterministic_and_balanced_on_a_transformer():
     assert plan.imbalance < 1.25, plan.imbalance
     no_embedding = plan_owners(TRANSFORMER[:-1], dtypes[:-1], 4, 8 << 20)
     assert no_embedding.imbalance < 1.02, no_embedding.imbalance
+    # Padding is paid once, not per bucket: small buckets move no more.
+    for bucket_bytes in (8 << 20, 1 << 14):
+        p = plan_owners(TRANSFORMER, dtypes, 4, bucket_bytes)
+        moved = sum(b.padded_size for b in p.buckets)
+        assert moved == pytest.approx(p.imbalance * p.total_elements, rel=1e-9)
+        assert p.buckets[0].shard_size <= max(bucket_bytes // 4 // 4, 1)
     # Elements split across replicas are balanced by construction.
     assert plan_shards(TRANSFORMER, dtypes, 4, 8 << 20).imbalance < 1.0001
 

@@ -34,8 +34,55 @@ from tf_zero.plan import ShardPlan
 from tf_zero.shards import Shards, build_shards, inner_in_scope, per_replica_creator
 from tf_zero.step import ShardedStep
 
+class _Inspection:
+    """What a built `ZeroOptimizer` holds, read-only (for users and `memory_report`)."""
+
+    @property
+    def zero_config(self) -> ZeroConfig | None:
+        """The resolved configuration (known after `build`)."""
+        return self._zero_config
+
+    @property
+    def shards(self) -> Shards | None:
+        """The sharded state (known after `build`; None when not sharded)."""
+        return self._shards
+
+    @property
+    def plan(self) -> ShardPlan | None:
+        """The shard plan (known after `build`; None when not sharded)."""
+        return self._shards.plan if self._shards is not None else None
+
+    @property
+    def stage(self):
+        return self._zero_config.stage if self._zero_config else self._requested["stage"]
+
+    @property
+    def is_sharded(self) -> bool:
+        return self._shards is not None
+
+    @property
+    def partition(self) -> str:
+        """"element" (every variable split across replicas) or "whole"."""
+        return self._partition
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self._accumulation_steps
+
+    @property
+    def gradient_buffers(self):
+        """Gradient buffers kept between steps (accumulators; none if k=1)."""
+        return list(self._accumulator.buffers) if self._accumulator else []
+
+    def unsharded_gradient_buffer_bytes(self) -> int:
+        """Bytes of accumulators an unsharded optimizer keeps per replica."""
+        if self._accumulator is None or self._shards is None:
+            return 0
+        return self._accumulator.unsharded_bytes(self._shards.plan)
+
+
 @keras.saving.register_keras_serializable(package="tf_zero")
-class ZeroOptimizer(keras.optimizers.Optimizer):
+class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
     """ZeRO stages 1-3 around any Keras optimizer.
 
     See the module docstring for the algorithm. Built by `model.fit`, by
@@ -98,7 +145,7 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         self._pending_load = None
         self._checkpoint = sharded_state.CheckpointFace(inner_optimizer)
 
-    # ---- forwarding and inspection ------------------------------------------
+    # ---- forwarding ------------------------------------------------------------
 
     @property
     def inner_optimizer(self):
@@ -128,49 +175,6 @@ class ZeroOptimizer(keras.optimizers.Optimizer):
         if self.built and len(self._checkpoint.items):
             return list(self._checkpoint.items)
         return self._variables + self._inner.variables
-
-    @property
-    def zero_config(self) -> ZeroConfig | None:
-        """The resolved configuration (known after `build`)."""
-        return self._zero_config
-
-    @property
-    def shards(self) -> Shards | None:
-        """The sharded state (known after `build`; None when not sharded)."""
-        return self._shards
-
-    @property
-    def plan(self) -> ShardPlan | None:
-        """The shard plan (known after `build`; None when not sharded)."""
-        return self._shards.plan if self._shards is not None else None
-
-    @property
-    def stage(self):
-        return self._zero_config.stage if self._zero_config else self._requested["stage"]
-
-    @property
-    def is_sharded(self) -> bool:
-        return self._shards is not None
-
-    @property
-    def partition(self) -> str:
-        """"element" (every variable split across replicas) or "whole"."""
-        return self._partition
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self._accumulation_steps
-
-    @property
-    def gradient_buffers(self):
-        """Gradient buffers kept between steps (accumulators; none if k=1)."""
-        return list(self._accumulator.buffers) if self._accumulator else []
-
-    def unsharded_gradient_buffer_bytes(self) -> int:
-        """Bytes of accumulators an unsharded optimizer keeps per replica."""
-        if self._accumulator is None or self._shards is None:
-            return 0
-        return self._accumulator.unsharded_bytes(self._shards.plan)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Excludes variables from the inner optimizer's weight decay."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
@@ -77,3 +79,90 @@ def build_owned(inner, variables, plan, strategy) -> dict:
             slot_lists[i] = opt.variables[before:]
         owned[rank] = OwnedVariables(rank, device, views, optimizers, slot_lists)
     return owned
+
+
+class OwnedSlot(_private.Trackable):
+    """Checkpoint face of one slot of a variable owned whole by one replica.
+
+    The slot lives only on the owner (`tf_zero.owners`); saving reads it
+    there, restoring writes it there. At another replica count the owner
+    changes, and the value lands on the new one.
+
+    Args:
+        shards: the sharded optimizer state (`partition == "whole"`).
+        variable_index: index of the model variable.
+        position: the slot's position among that variable's slots.
+        slot: the slot variable itself (on its owner).
+    """
+
+    def __init__(self, shards, variable_index, position, slot):
+        self._shards = shards
+        self._index = variable_index
+        self._position = position
+        self.name = slot.name
+        self.shape = tuple(slot.shape)
+        self.dtype = tf.as_dtype(slot.dtype)
+
+    def _slot(self):
+        owned = self._shards.owners[self._shards.plan.owner(self._index)]
+        return owned.slots(self._index)[self._position]
+
+    def value(self) -> tf.Tensor:
+        with tf.device("/cpu:0"):
+            return tf.identity(self._slot().value)
+
+    def numpy(self):
+        return self.value().numpy()
+
+    def assign(self, value):
+        value = tf.convert_to_tensor(value)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"Checkpoint value for optimizer slot {self.name} has shape "
+                f"{tuple(value.shape)} but the slot has shape {self.shape}: the "
+                "checkpoint belongs to a different model.")
+        self._slot().assign(tf.cast(value, self.dtype))
+
+    def _serialize_to_tensors(self):
+        return {_private.VARIABLE_VALUE_KEY: self.value()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
+        return tf.no_op()
+
+
+def owned_slots(inner, shards) -> list:
+    """Checkpoint items for the slots of whole variables, in the plain order.
+
+    A plain optimizer built on the model would create its slots variable by
+    variable (Lamb, Adafactor and Muon all do), so its order is each
+    variable's slots in turn. That is checked against a plain copy of the
+    optimizer built on tiny stand-ins of the same names, paths and ranks.
+
+    Raises:
+        ValueError: the plain optimizer orders its slots otherwise.
+    """
+    items, names = [], []
+    for i in range(len(shards.variables)):
+        owned = shards.owners[shards.plan.owner(i)]
+        for position, slot in enumerate(owned.slots(i)):
+            items.append(OwnedSlot(shards, i, position, slot))
+            names.append(slot.name)
+    proxies = []
+    for v in shards.variables:
+        proxy = keras.Variable(np.zeros((1,) * len(v.shape), np.float32), name=v.name,
+                               trainable=False)
+        proxies.append(_private.keras_view(_private.tf_variable(proxy), like=v))
+    with _private.keras_tracking():
+        probe = type(inner).from_config(inner.get_config())
+        before = len(probe.variables)
+        probe.build(proxies)
+    plain = [v.name for v in probe.variables[before:]]
+    if plain != names:
+        raise ValueError(
+            f"{type(inner).__name__} does not create its slots variable by "
+            "variable, so tf_zero cannot give its whole-variable checkpoints the "
+            "plain optimizer's order. Train it with ZeroOptimizer(partition="
+            "'element') if it is element-wise, or unwrapped. "
+            f"(plain order {plain[:4]}..., per variable {names[:4]}...)")
+    return items

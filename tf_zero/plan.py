@@ -12,9 +12,9 @@ all-gather publishes every shard. Padding never reaches a variable. Two kinds:
   of the shard count. Every replica owns 1/N of every variable.
 * `plan_owners`, the whole-variable partition: every variable is owned whole
   by one replica, chosen by a balanced deterministic rule (largest first onto
-  the least-loaded replica); inside a bucket each replica's variables lie end
-  to end in its shard, padded to the largest shard. The padding is the price
-  of imbalance: `ShardPlan.imbalance` reports it.
+  the least-loaded replica); each replica's variables lie end to end in its
+  shards of consecutive buckets, padded to the busiest replica's length. The
+  padding is the price of imbalance: `ShardPlan.imbalance` reports it.
 """
 
 from __future__ import annotations
@@ -143,9 +143,10 @@ class ShardPlan:
         if self.partition != "whole":
             raise ValueError("owner() is for whole-variable plans; an element "
                              "split has an owner per element (owner_of).")
-        ((b, seg),) = self.variable_segments(variable) or ((0, None),)
-        if seg is None:
-            return 0  # an empty variable
+        segments = self.variable_segments(variable)
+        if not segments:
+            return 0  # an empty variable: nothing to own
+        b, seg = segments[0]
         return seg.offset // self.buckets[b].shard_size
 
     def replica_bytes(self, rank: int) -> int:
@@ -266,14 +267,15 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
                 num_shards: int, bucket_size_bytes: int) -> ShardPlan:
     """Gives every variable whole to one replica, balanced, in flat buckets.
 
-    Within each dtype, variables are taken largest first (ties: lower index
-    first) and grouped into buckets of about `bucket_size_bytes` (a bucket
-    closes once it holds that much; a larger variable is a bucket of its
-    own), so a bucket holds variables of similar size. Inside a bucket each
-    variable goes to the replica with the least bytes in that bucket so far,
-    then the least bytes in all buckets, then the lowest rank. Replica `r`'s
-    variables lie end to end, in index order, at the start of shard `r`; the
-    shard size is the largest replica's load, the rest is padding.
+    Owners first: within each dtype, variables are taken largest first (ties:
+    lower index first), each going to the replica with the fewest elements of
+    that dtype so far, then the fewest bytes in all, then the lowest rank.
+    Then the buckets: each replica's variables, in index order, form one
+    stream; bucket `j` holds elements `[j * S, (j + 1) * S)` of every stream in
+    its shards (`S` = `bucket_size_bytes / N`, the last bucket shorter), so a
+    large variable may span buckets, always within its owner's shards. The
+    padding is what the shorter streams lack: the price of imbalance, paid
+    once (`ShardPlan.imbalance`), not once per bucket.
 
     Args:
         shapes, dtypes, num_shards, bucket_size_bytes: as for `plan_shards`.
@@ -292,38 +294,33 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     """
     shapes, dtypes = _validated(shapes, dtypes, num_shards, bucket_size_bytes)
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-    groups: list[list[int]] = []
+    total_bytes = [0] * num_shards
+    buckets: list[Bucket] = []
     for dtype in dict.fromkeys(dtypes):
-        order = sorted((i for i, d in enumerate(dtypes) if d == dtype),
-                       key=lambda i: (-sizes[i], i))
-        capacity = max(bucket_size_bytes // _itemsize(dtype), 1)
-        current, filled = [], 0
-        for i in order:
-            current.append(i)
-            filled += sizes[i]
-            if filled >= capacity:
-                groups.append(current)
-                current, filled = [], 0
-        if current:
-            groups.append(current)
-    total_load = [0] * num_shards
-    buckets = []
-    for index, members in enumerate(groups):
+        itemsize = _itemsize(dtype)
         load = [0] * num_shards
         owned: list[list[int]] = [[] for _ in range(num_shards)]
-        for i in members:  # largest first
-            rank = min(range(num_shards), key=lambda r: (load[r], total_load[r], r))
+        members = [i for i, d in enumerate(dtypes) if d == dtype]
+        for i in sorted(members, key=lambda i: (-sizes[i], i)):
+            rank = min(range(num_shards), key=lambda r: (load[r], total_bytes[r], r))
             owned[rank].append(i)
             load[rank] += sizes[i]
-            total_load[rank] += sizes[i]
-        shard_size = max(max(load), 1)
-        segments = []
-        for rank in range(num_shards):
-            offset = rank * shard_size
-            for i in sorted(owned[rank]):
-                segments.append(Segment(i, 0, sizes[i], offset))
-                offset += sizes[i]
-        segments.sort(key=lambda s: s.offset)
-        buckets.append(Bucket(index, dtypes[members[0]], tuple(segments), sum(load),
-                              num_shards, whole_shard_size=shard_size))
+            total_bytes[rank] += sizes[i] * itemsize
+        stream_size = max(bucket_size_bytes // itemsize // num_shards, 1)
+        longest = max(load)
+        for lo in range(0, longest, stream_size):
+            shard_size = min(stream_size, longest - lo)
+            hi = lo + shard_size
+            segments = []
+            for rank in range(num_shards):
+                position = 0
+                for i in sorted(owned[rank]):
+                    a, b = max(lo, position), min(hi, position + sizes[i])
+                    if a < b:
+                        segments.append(Segment(i, a - position, b - a,
+                                                rank * shard_size + a - lo))
+                    position += sizes[i]
+            buckets.append(Bucket(len(buckets), dtype, tuple(segments),
+                                  sum(seg.size for seg in segments), num_shards,
+                                  whole_shard_size=shard_size))
     return ShardPlan(shapes, dtypes, num_shards, tuple(buckets), partition="whole")

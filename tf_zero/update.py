@@ -65,18 +65,20 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
     """Each whole variable this replica owns, by its own optimizer, in place."""
     owned = shards.owners[rank]
     lr = inner.learning_rate
-    for bucket, grad in zip(shards.plan.buckets, shard_grads):
-        for p in bucket.shard_pieces(rank):
-            if p.variable in missing:
-                continue
-            view = owned.views[p.variable]
-            if inner.weight_decay is not None and _private.uses_weight_decay(
-                    inner, shards.variables[p.variable]):
-                wd = tf.cast(inner.weight_decay, view.dtype)
-                view.assign_sub(view.value * wd * tf.cast(lr, view.dtype))
-            g = tf.reshape(grad[p.offset:p.offset + p.size], view.shape)
-            _private.update_step(owned.optimizers[p.variable], [tf.cast(g, view.dtype)],
-                                 [view], lr)
+    for i, view in sorted(owned.views.items()):
+        segments = shards.plan.variable_segments(i)
+        if i in missing or not segments:
+            continue
+        parts = []  # the variable's gradient, from its owner's shards of each bucket
+        for b, seg in segments:
+            lo = seg.offset - rank * shards.plan.buckets[b].shard_size
+            parts.append(shard_grads[b][lo:lo + seg.size])
+        grad = tf.reshape(tf.concat(parts, 0) if len(parts) > 1 else parts[0], view.shape)
+        if inner.weight_decay is not None and _private.uses_weight_decay(
+                inner, shards.variables[i]):
+            wd = tf.cast(inner.weight_decay, view.dtype)
+            view.assign_sub(view.value * wd * tf.cast(lr, view.dtype))
+        _private.update_step(owned.optimizers[i], [tf.cast(grad, view.dtype)], [view], lr)
     _private.local_component(inner.iterations).assign_add(1)
 
 
