@@ -219,7 +219,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
                 return self._build(var_list)
         return self._build(var_list)
 
-    @keras.src.utils.tracking.no_automatic_dependency_tracking
+    @_private.without_keras_tracking
     def _build(self, var_list):
         strategy = tf.distribute.get_strategy()
         config = self._zero_config = _resolve_config(self._requested, strategy)

@@ -158,7 +158,7 @@ def _ordered_call(layer, original, args, kwargs):
     # tensor it only captured would get no gradient.
     positions = [i for i, t in enumerate(flat)
                  if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-    opaque = any(isinstance(t, tf.__internal__.CompositeTensor) for t in flat)
+    opaque = any(_private.is_composite_tensor(t) for t in flat)
     if not config.recompute or not _recomputable(layer) or not positions or opaque:
         # (Integer inputs only, e.g. Embedding's ids: backward needs just the
         # ids, so the gathered table is freed after the forward pass anyway.)

@@ -54,14 +54,14 @@ from tf_zero._private.distribute import (  # noqa: E402
     local_component, local_replica_index, local_replica_ranks, new_mirrored_strategy,
     new_multi_worker_strategy, next_collective_key_base, raw_all_gather, raw_all_reduce,
     raw_all_to_all, raw_reduce_scatter, sharded_storage, strategy_of, tf_variable,
-    worker_count, worker_index, local_variable_creator, unique_id, export_to_saved_model_graph, write_object_proto)
+    worker_count, worker_index, local_variable_creator, unique_id, is_composite_tensor, export_to_saved_model_graph, write_object_proto)
 from tf_zero._private.keras_layers import (  # noqa: E402
     added_loss_count, autocast_dtype, autocast_scope, layer_adding_weight,
     own_trainable_variables)
 from tf_zero._private.keras_optimizer import (  # noqa: E402
     VARIABLE_VALUE_KEY, Trackable, accumulated_gradients, clip_gradients, iterations_variable,
     learning_rate_variable, mark_local_update, keras_view, share_iterations,
-    detach_from_strategy, keras_tracking, register_keras_saving_skiplist,
+    detach_from_strategy, keras_tracking, without_keras_tracking, register_keras_saving_skiplist,
     trackable_children, trained_variables, update_step, uses_weight_decay)
 from tf_zero._private.keras_training import (  # noqa: E402
     on_fit_exit, route_keras_saves, set_batches_to_skip, set_initial_epoch)

@@ -324,3 +324,8 @@ def local_variable_creator(device: str):
             return resource_variable_ops.ResourceVariable(**args)
 
     return creator
+
+
+def is_composite_tensor(value) -> bool:
+    """A `tf.SparseTensor`, `tf.RaggedTensor` or other composite tensor."""
+    return isinstance(value, tf.__internal__.CompositeTensor)

@@ -185,3 +185,11 @@ def keras_tracking():
         yield
     finally:
         global_state.set_global_attribute("tracking_on", saved)
+
+
+def without_keras_tracking(method):
+    """Runs `method` with Keras' attribute tracking off (the optimizer's own
+    state records hold variables that Keras must not collect)."""
+    from keras.src.utils import tracking
+
+    return tracking.no_automatic_dependency_tracking(method)
