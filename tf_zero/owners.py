@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
+from tf_zero.slot_face import SlotFace
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,7 +82,7 @@ def build_owned(inner, variables, plan, strategy) -> dict:
     return owned
 
 
-class OwnedSlot(_private.Trackable):
+class OwnedSlot(SlotFace):
     """Checkpoint face of one slot of a variable owned whole by one replica.
 
     The slot lives only on the owner (`tf_zero.owners`); saving reads it
@@ -111,24 +112,8 @@ class OwnedSlot(_private.Trackable):
         with tf.device("/cpu:0"):
             return tf.identity(self._slot().value)
 
-    def numpy(self):
-        return self.value().numpy()
-
-    def assign(self, value):
-        value = tf.convert_to_tensor(value)
-        if tuple(value.shape) != self.shape:
-            raise ValueError(
-                f"Checkpoint value for optimizer slot {self.name} has shape "
-                f"{tuple(value.shape)} but the slot has shape {self.shape}: the "
-                "checkpoint belongs to a different model.")
+    def _write(self, value):
         self._slot().assign(tf.cast(value, self.dtype))
-
-    def _serialize_to_tensors(self):
-        return {_private.VARIABLE_VALUE_KEY: self.value()}
-
-    def _restore_from_tensors(self, restored_tensors):
-        self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
-        return tf.no_op()
 
 
 def owned_slots(inner, shards) -> list:

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private, owners
+from tf_zero.slot_face import SlotFace
 
 
 def variable_path(variable) -> str:
@@ -28,7 +29,7 @@ def variable_path(variable) -> str:
     return path if path is not None else variable.name.split(":")[0]
 
 
-class UnshardedSlot(_private.Trackable):
+class UnshardedSlot(SlotFace):
     """Checkpoint face of slot `slot_name` of model variable `variable_index`.
 
     Args:
@@ -80,19 +81,10 @@ class UnshardedSlot(_private.Trackable):
             flat = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
             return tf.reshape(flat, self.shape)
 
-    def numpy(self):
-        return self.value().numpy()
-
     # -- writing ----------------------------------------------------------
 
-    def assign(self, value):
+    def _write(self, value):
         """Writes a full slot value into the shards of this worker's replicas."""
-        value = tf.convert_to_tensor(value)
-        if tuple(value.shape) != self.shape:
-            raise ValueError(
-                f"Checkpoint value for optimizer slot {self.name} has shape "
-                f"{tuple(value.shape)} but the model variable has shape "
-                f"{self.shape}: the checkpoint belongs to a different model.")
         plan = self._shards.plan
         flat = tf.reshape(value, [-1])
         ranks = _private.local_replica_ranks(self._shards.strategy)
@@ -104,15 +96,6 @@ class UnshardedSlot(_private.Trackable):
                     if p.variable == self._index:
                         comp[p.offset:p.offset + p.size].assign(
                             tf.cast(flat[p.start:p.start + p.size], comp.dtype))
-
-    # -- tf.train.Checkpoint ------------------------------------------------
-
-    def _serialize_to_tensors(self):
-        return {_private.VARIABLE_VALUE_KEY: self.value()}
-
-    def _restore_from_tensors(self, restored_tensors):
-        self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
-        return tf.no_op()
 
 
 def gather_components(strategy, variable):

@@ -1,0 +1,56 @@
+"""The checkpoint face of one optimizer slot, whatever stores it.
+
+A checkpoint of a `ZeroOptimizer` holds what the plain inner optimizer would:
+one full tensor per slot of each model variable. Where the slot really lives
+differs by partition (pieces in every replica's shards; whole on its owner),
+so each kind says how to read the full value and how to write one; the rest,
+checking and TensorFlow's save/restore protocol, is here.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_zero import _private
+
+
+class SlotFace(_private.Trackable):
+    """A slot that saves and restores as one full tensor.
+
+    Subclasses set `name`, `shape` and `dtype` and define `value()` (the full
+    tensor) and `_write(value)` (a full tensor of the right shape).
+    """
+
+    name: str
+    shape: tuple
+    dtype: tf.DType
+
+    def value(self) -> tf.Tensor:
+        raise NotImplementedError
+
+    def _write(self, value: tf.Tensor) -> None:
+        raise NotImplementedError
+
+    def numpy(self):
+        return self.value().numpy()
+
+    def assign(self, value):
+        """Writes a full slot value where the slot lives.
+
+        Raises:
+            ValueError: `value` has another shape (a different model).
+        """
+        value = tf.convert_to_tensor(value)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"Checkpoint value for optimizer slot {self.name} has shape "
+                f"{tuple(value.shape)} but this optimizer's slot has shape "
+                f"{self.shape}: the checkpoint belongs to a different model.")
+        self._write(value)
+
+    def _serialize_to_tensors(self):
+        return {_private.VARIABLE_VALUE_KEY: self.value()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
+        return tf.no_op()
