@@ -123,3 +123,19 @@ def test_fit_exit_hooks_run_when_fit_raises():
     with pytest.raises(RuntimeError, match="stop"):
         model.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0, callbacks=[Fail()])
     assert released == [True]
+
+
+def test_plain_variables_on_one_replica_and_keras_views():
+    strategy = zero_strategy(2)
+    with strategy.scope():
+        mirrored = keras.Variable(np.ones((2, 3), np.float32), name="kernel")
+        with tf.variable_creator_scope(_private.local_variable_creator("/cpu:1")):
+            local = tf.Variable(tf.zeros([4]), name="slot")
+    assert not _private.is_distributed_variable(local)
+    assert local.device.endswith("CPU:1")
+    view = _private.keras_view(_private.components(mirrored)[1], like=mirrored)
+    assert view.path == mirrored.path and view.name == mirrored.name
+    view.assign(np.full((2, 3), 5.0, np.float32))  # writes replica 1's copy only
+    assert [float(c.numpy()[0, 0]) for c in _private.components(mirrored)] == [1.0, 5.0]
+    assert _private.is_composite_tensor(tf.sparse.from_dense([[0.0, 1.0]]))
+    assert not _private.is_composite_tensor(tf.zeros([2]))
