@@ -148,8 +148,10 @@ def memory_report(optimizer, model=None) -> MemoryReport:
         stage = 0
         inner = optimizer.inner_optimizer if isinstance(optimizer, ZeroOptimizer) else optimizer
         model_vars = _private.trained_variables(inner)
-        skip = {id(_private.iterations_variable(inner)),
-                id(_private.learning_rate_variable(inner))}
+        counters = [inner, *(inner.optimizers
+                             if isinstance(inner, keras.optimizers.MultiOptimizer) else ())]
+        skip = {id(v) for opt in counters for v in (
+            _private.iterations_variable(opt), _private.learning_rate_variable(opt))}
         slot_vars = [v for v in inner.variables if id(v) not in skip]
         for slot in slot_vars:
             for c in _private.components(slot):

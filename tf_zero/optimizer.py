@@ -189,7 +189,16 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
         raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
 
     def finalize_variable_values(self, var_list):
-        self._inner.finalize_variable_values(var_list)
+        shards = self._shards
+        if shards is None or not support.is_multi(self._inner):
+            self._inner.finalize_variable_values(var_list)
+            return
+        # A MultiOptimizer that was never built: each of its optimizers, on its variables.
+        chosen = {id(v): opt for v, opt in zip(shards.variables, shards.optimizers)}
+        for opt in self._inner.optimizers:
+            mine = [v for v in var_list if chosen.get(id(v)) is opt]
+            if mine:
+                opt.finalize_variable_values(mine)
 
     # ---- build ---------------------------------------------------------------
 

@@ -9,10 +9,10 @@ weights at stages 1 and 2; the owner's copy is the one updated, then
 published by the all-gather).
 
 Each owned variable gets an optimizer of its own, a copy of the inner
-optimizer from its config that counts steps in the inner optimizer's
-`iterations`, built on a view of the owner's copy of the weight (same name
-and path as the model's variable, so slot names and Muon's path rules are
-the plain optimizer's). Its slots are plain variables on the owner's device:
+optimizer (under a MultiOptimizer: of the optimizer its map picks) from its
+config that counts steps in that optimizer's `iterations`, built on a view
+of the owner's copy of the weight (same name and path as the model's
+variable, so slot names and Muon's path rules are the plain optimizer's). Its slots are plain variables on the owner's device:
 no other replica holds them.
 """
 
@@ -52,14 +52,15 @@ class OwnedVariables:
         return self.slot_lists[index]
 
 
-def build_owned(inner, variables, plan, strategy) -> dict:
+def build_owned(templates, variables, plan, strategy) -> dict:
     """{rank: OwnedVariables} for the replicas of this worker.
 
+    `templates` gives, per variable, the optimizer whose config and step
+    counter its owner's copy takes (`tf_zero.support.variable_optimizers`).
     Runs in cross-replica context under `strategy.scope()`.
     """
     ranks = _private.local_replica_ranks(strategy)
     owned = {}
-    iterations = _private.iterations_variable(inner)
     for local, rank in enumerate(ranks):
         device = strategy.extended.worker_devices[local]
         views, optimizers, slot_lists = {}, {}, {}
@@ -68,9 +69,10 @@ def build_owned(inner, variables, plan, strategy) -> dict:
                 continue
             component = _private.components(var)[local]
             views[i] = _private.keras_view(component, like=var)
+            template = templates[i]
             with _private.keras_tracking():
-                opt = type(inner).from_config(inner.get_config())
-                _private.share_iterations(opt, iterations)
+                opt = type(template).from_config(template.get_config())
+                _private.share_iterations(opt, _private.iterations_variable(template))
                 _private.mark_local_update(opt)
                 _private.detach_from_strategy(opt)
                 before = len(opt.variables)
@@ -116,7 +118,7 @@ class OwnedSlot(SlotFace):
         self._slot().assign(tf.cast(value, self.dtype))
 
 
-def owned_slots(inner, shards) -> list:
+def owned_slots(inner, shards, indices=None) -> list:
     """Checkpoint items for the slots of whole variables, in the plain order.
 
     A plain optimizer built on the model would create its slots variable by
@@ -124,17 +126,23 @@ def owned_slots(inner, shards) -> list:
     variable's slots in turn. That is checked against a plain copy of the
     optimizer built on tiny stand-ins of the same names, paths and ranks.
 
+    Args:
+        inner: the optimizer that updates the variables `indices`.
+        shards: the sharded state (`partition == "whole"`).
+        indices: the variables `inner` updates; default: all of them.
+
     Raises:
         ValueError: the plain optimizer orders its slots otherwise.
     """
+    indices = range(len(shards.variables)) if indices is None else indices
     items, names = [], []
-    for i in range(len(shards.variables)):
+    for i in indices:
         owned = shards.owners[shards.plan.owner(i)]
         for position, slot in enumerate(owned.slots(i)):
             items.append(OwnedSlot(shards, i, position, slot))
             names.append(slot.name)
     proxies = []
-    for v in shards.variables:
+    for v in (shards.variables[i] for i in indices):
         proxy = keras.Variable(np.zeros((1,) * len(v.shape), np.float32), name=v.name,
                                trainable=False)
         proxies.append(_private.keras_view(_private.tf_variable(proxy), like=v))

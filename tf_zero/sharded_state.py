@@ -265,8 +265,18 @@ class CheckpointFace:
             self.items[1] = _private.learning_rate_variable(inner)
         for v in shards.variables:
             self.model_variables.append(v)
-        slots = owners.owned_slots if shards.whole else unsharded_slots
-        for item in slots(inner, shards):
+        if not shards.whole:
+            items = unsharded_slots(inner, shards)
+        elif not isinstance(inner, keras.optimizers.MultiOptimizer):
+            items = owners.owned_slots(inner, shards)
+        else:
+            # A MultiOptimizer's variables: its own, then each optimizer's
+            # counter, learning rate and slots, optimizer by optimizer.
+            items = []
+            for opt in inner.optimizers:
+                indices = [i for i, o in enumerate(shards.optimizers) if o is opt]
+                items += [*opt.variables, *owners.owned_slots(opt, shards, indices)]
+        for item in items:
             self.items.append(item)
 
     def children(self, inner, save_type, **kwargs) -> dict:

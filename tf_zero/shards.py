@@ -26,6 +26,7 @@ from tf_zero import _private
 from tf_zero.owners import build_owned
 from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
+from tf_zero.support import is_multi, variable_optimizers
 
 # Optimizers whose build() initializes a slot from the variable's value; the
 # shards do not hold their values yet when build() runs on all replicas at once.
@@ -48,6 +49,9 @@ class Shards:
         reduce_dtype: dtype of the reduce-scatter, or None (the bucket's).
         owners: whole-variable partition only: {local rank:
             `tf_zero.owners.OwnedVariables`}.
+        optimizers: whole-variable partition only: per variable, the
+            optimizer whose math and settings update it (the inner
+            optimizer, or the one a MultiOptimizer picks).
     """
 
     plan: ShardPlan
@@ -58,6 +62,7 @@ class Shards:
     strategy: object
     reduce_dtype: str | None = None
     owners: dict = dataclasses.field(default_factory=dict)
+    optimizers: tuple = ()
 
     @property
     def whole(self) -> bool:
@@ -110,9 +115,11 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
     if partition == "whole":
         plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes)
+        optimizers = variable_optimizers(inner, variables)
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
-                      owners=build_owned(inner, variables, plan, strategy))
+                      owners=build_owned(optimizers, variables, plan, strategy),
+                      optimizers=optimizers)
     owned = [is_sharded(v) for v in variables]
     plan = plan_shards([tuple(v.shape) for v in variables], dtypes, n,
                        bucket_size_bytes, alone=owned)
@@ -155,8 +162,9 @@ def inner_in_scope(inner, strategy):
         ValueError: the inner optimizer already holds slots created outside
             the strategy's scope.
     """
-    iterations = _private.tf_variable(inner.iterations)
-    if strategy.extended.variable_created_in_scope(iterations):
+    counters = [inner, *(inner.optimizers if is_multi(inner) else ())]
+    if all(strategy.extended.variable_created_in_scope(_private.tf_variable(o.iterations))
+           for o in counters):
         return inner
     if inner.built and inner.variables[2:]:
         raise ValueError(
@@ -164,7 +172,14 @@ def inner_in_scope(inner, strategy):
             "outside strategy.scope(). Create it inside the scope, or pass a "
             "fresh optimizer: ZeroOptimizer(keras.optimizers.Adam(...)).")
     count = int(inner.iterations.numpy())
-    fresh = type(inner).from_config(inner.get_config())
+    try:
+        fresh = type(inner).from_config(inner.get_config())
+    except Exception as error:  # e.g. a MultiOptimizer over a plain function
+        raise ValueError(
+            f"The inner optimizer {inner.name} (or an optimizer it holds) was "
+            "created outside strategy.scope(), and it cannot be re-created from "
+            f"its config ({error}). Create it, and every optimizer it holds, "
+            "inside strategy.scope().") from error
     fresh.iterations.assign(count)
     return fresh
 

@@ -28,8 +28,12 @@ def gradient_statistics(shards: Shards, inner, shard_grads, rank: int,
         "global_norm" (for global_clipnorm); empty when nothing is needed
         (and then nothing is communicated).
     """
-    per_variable = bool(inner.clipnorm and inner.clipnorm > 0)
-    global_norm = bool(inner.global_clipnorm and inner.global_clipnorm > 0)
+    if _several(shards, inner):  # a MultiOptimizer: each variable its own rule
+        per_variable = any(_clips_by_norm(o) for o in shards.optimizers)
+        global_norm = False
+    else:
+        per_variable = bool(inner.clipnorm and inner.clipnorm > 0)
+        global_norm = bool(inner.global_clipnorm and inner.global_clipnorm > 0)
     if not (check_finite or per_variable or global_norm):
         return {}
     entries = []
@@ -71,6 +75,8 @@ def unscale(shard_grads, divisor=None, loss_scaler=None) -> list:
 
 def clip(shards: Shards, inner, shard_grads, rank: int, stats: dict) -> list:
     """Keras' clipping semantics, applied to the reduced gradient shards."""
+    if _several(shards, inner):
+        return _clip_each(shards, shard_grads, rank, stats.get("sq_norms"))
     if "sq_norms" in stats:
         return _clip_per_variable(shards, inner.clipnorm, shard_grads, rank, stats["sq_norms"])
     if "global_norm" in stats:
@@ -88,18 +94,65 @@ def clip(shards: Shards, inner, shard_grads, rank: int, stats: dict) -> list:
 
 def _clip_per_variable(shards, clipnorm, shard_grads, rank, sq):
     clipnorm = tf.constant(clipnorm, tf.float32)
-    # Keras' clip_by_norm, on the reduced per-variable norm.
-    norms = tf.where(sq > 0, tf.sqrt(tf.where(sq > 0, sq, tf.ones_like(sq))), sq)
-    divisors = tf.maximum(norms, clipnorm)
-    clipped = []
+    divisors = tf.maximum(_norms(sq), clipnorm)
+    return _map_pieces(shards, shard_grads, rank, lambda i, piece: (
+        piece * tf.cast(clipnorm, piece.dtype) / tf.cast(divisors[i], piece.dtype)))
+
+
+def _norms(sq):
+    # Keras' clip_by_norm's norm: no sqrt of 0 (its gradient would be NaN).
+    return tf.where(sq > 0, tf.sqrt(tf.where(sq > 0, sq, tf.ones_like(sq))), sq)
+
+
+def _several(shards, inner) -> bool:
+    """Whether variables are updated by other optimizers than `inner`."""
+    return any(o is not inner for o in shards.optimizers)
+
+
+def _clips_by_norm(opt) -> bool:
+    return bool((opt.clipnorm and opt.clipnorm > 0)
+                or (opt.global_clipnorm and opt.global_clipnorm > 0))
+
+
+def _clip_each(shards, shard_grads, rank, sq):
+    """Each variable clipped by its own optimizer's rule, as each of a
+    MultiOptimizer's optimizers clips the gradients it is given: clipnorm per
+    variable, global_clipnorm over the variables of that optimizer, else
+    clipvalue."""
+    optimizers = shards.optimizers
+    scales = {}
+    for opt in {id(o): o for o in optimizers}.values():
+        if _clips_by_norm(opt) and not (opt.clipnorm and opt.clipnorm > 0):
+            mine = [i for i, o in enumerate(optimizers) if o is opt]
+            norm = tf.sqrt(tf.reduce_sum(tf.gather(sq, mine)))
+            limit = tf.constant(opt.global_clipnorm, tf.float32)
+            scales[id(opt)] = limit * tf.minimum(1.0 / norm, 1.0 / limit) + (norm - norm)
+    norms = _norms(sq) if sq is not None else None
+
+    def rule(i, piece):
+        opt = optimizers[i]
+        if opt.clipnorm and opt.clipnorm > 0:
+            clipnorm = tf.constant(opt.clipnorm, tf.float32)
+            divisor = tf.maximum(norms[i], clipnorm)
+            return piece * tf.cast(clipnorm, piece.dtype) / tf.cast(divisor, piece.dtype)
+        if id(opt) in scales:
+            return piece * tf.cast(scales[id(opt)], piece.dtype)
+        if opt.clipvalue and opt.clipvalue > 0:
+            return tf.clip_by_value(piece, -opt.clipvalue, opt.clipvalue)
+        return piece
+
+    return _map_pieces(shards, shard_grads, rank, rule)
+
+
+def _map_pieces(shards, shard_grads, rank, rule):
+    """`rule(variable index, piece)` applied to every piece of every shard."""
+    out = []
     for bucket, g in zip(shards.plan.buckets, shard_grads):
         parts, covered = [], 0
         for p in bucket.shard_pieces(rank):
-            piece = g[p.offset:p.offset + p.size]
-            parts.append(piece * tf.cast(clipnorm, g.dtype)
-                         / tf.cast(divisors[p.variable], g.dtype))
+            parts.append(rule(p.variable, g[p.offset:p.offset + p.size]))
             covered += p.size
         if covered < bucket.shard_size:
             parts.append(g[covered:])
-        clipped.append(tf.concat(parts, 0) if len(parts) > 1 else parts[0])
-    return clipped
+        out.append(tf.concat(parts, 0) if len(parts) > 1 else parts[0])
+    return out

@@ -7,8 +7,10 @@ updated on its own: the element split of `tf_zero.plan.plan_shards`.
 Optimizers whose update needs a whole tensor (Lamb's per-layer trust ratio,
 Adafactor's factored second moments, Muon's orthogonalization) get the
 whole-variable partition (`plan_owners`): each variable is updated whole by
-the replica that owns it. Errors are raised at construction, before anything
-is built, and name what to use instead.
+the replica that owns it. So does a `keras.optimizers.MultiOptimizer`: every
+variable is updated whole by the optimizer its map picks
+(`variable_optimizers`). Errors are raised at construction, before anything is
+built, and name what to use instead.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ WHOLE_TENSOR_OPTIMIZERS = ("Lamb", "Adafactor", "Muon")
 PARTITIONS = ("element", "whole")
 
 
+def is_multi(inner) -> bool:
+    """Whether `inner` is a `keras.optimizers.MultiOptimizer`."""
+    return isinstance(inner, keras.optimizers.MultiOptimizer)
+
+
 def needs_whole_tensors(inner) -> bool:
-    """Whether `inner` is (a subclass of) a Keras whole-tensor optimizer."""
-    return any(k.__name__ in WHOLE_TENSOR_OPTIMIZERS and k.__module__.startswith("keras")
+    """Whether `inner` is (a subclass of) a Keras whole-tensor optimizer.
+
+    A MultiOptimizer counts as one: it picks an optimizer per variable, so
+    each variable is updated whole by its own optimizer.
+    """
+    return is_multi(inner) or any(k.__name__ in WHOLE_TENSOR_OPTIMIZERS and k.__module__.startswith("keras")
                for k in type(inner).__mro__)
 
 
@@ -46,6 +57,11 @@ def choose_partition(inner, requested=None) -> str:
     if requested not in PARTITIONS:
         raise ValueError(f"partition must be one of {PARTITIONS} (or None: chosen "
                          f"from the optimizer), got {requested!r}")
+    if requested == "element" and is_multi(inner):
+        raise ValueError(
+            "A MultiOptimizer gives each variable an optimizer of its own; "
+            "ZeroOptimizer partitions it by whole variables: use partition='whole' "
+            "(the default for it).")
     if requested == "element" and needs_whole_tensors(inner):
         raise ValueError(
             f"{type(inner).__name__} updates each variable as a whole tensor; "
@@ -94,7 +110,14 @@ def validate(inner, stage, bucket_size_bytes, reduce_dtype, accumulation_steps, 
 
 
 def check_supported(inner):
-    """Refuses what ZeroOptimizer cannot host: EMA, Keras' own accumulation."""
+    """Refuses what ZeroOptimizer cannot host: EMA, Keras' own accumulation.
+
+    (A MultiOptimizer's own optimizers are checked one by one.)
+    """
+    if is_multi(inner):
+        for opt in inner.optimizers:
+            check_supported(opt)
+        return
     if inner.use_ema:
         raise ValueError(
             "ZeroOptimizer does not support use_ema=True on the inner optimizer "
@@ -133,6 +156,20 @@ def check_whole_partition(inner, config, strategy, variables):
             "The whole-variable partition names each variable's optimizer state "
             "by the variable's path, and two trainable variables share one: give "
             "the layers distinct names.")
+
+
+def variable_optimizers(inner, variables) -> tuple:
+    """The optimizer whose math updates each variable.
+
+    `inner` itself, or for a MultiOptimizer the optimizer its map gives the
+    variable (each one is checked as an inner optimizer is).
+    """
+    if not is_multi(inner):
+        return (inner,) * len(variables)
+    choices = _private.multi_optimizer_choices(inner, variables)
+    for opt in dict.fromkeys(choices):
+        check_supported(opt)
+    return tuple(choices)
 
 
 def check_stage3(config, strategy, variables):

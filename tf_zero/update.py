@@ -62,9 +62,14 @@ def update_shards(shards: Shards, inner, shard_grads, missing, rank: int) -> Non
 
 
 def _update_owned(shards, inner, shard_grads, missing, rank):
-    """Each whole variable this replica owns, by its own optimizer, in place."""
+    """Each whole variable this replica owns, by its own optimizer, in place.
+
+    Its learning rate and weight decay are those of the optimizer that
+    updates it (the inner one, or a MultiOptimizer's pick); every optimizer
+    counts the step, as each of a MultiOptimizer's optimizers does.
+    """
     owned = shards.owners[rank]
-    lr = inner.learning_rate
+    rates = {id(opt): opt.learning_rate for opt in _distinct(shards.optimizers)}
     for i, view in sorted(owned.views.items()):
         segments = shards.plan.variable_segments(i)
         if i in missing or not segments:
@@ -74,12 +79,19 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
             lo = seg.offset - rank * shards.plan.buckets[b].shard_size
             parts.append(shard_grads[b][lo:lo + seg.size])
         grad = tf.reshape(tf.concat(parts, 0) if len(parts) > 1 else parts[0], view.shape)
-        if inner.weight_decay is not None and _private.uses_weight_decay(
-                inner, shards.variables[i]):
-            wd = tf.cast(inner.weight_decay, view.dtype)
+        opt = shards.optimizers[i]
+        lr = rates[id(opt)]
+        if opt.weight_decay is not None and _private.uses_weight_decay(
+                opt, shards.variables[i]):
+            wd = tf.cast(opt.weight_decay, view.dtype)
             view.assign_sub(view.value * wd * tf.cast(lr, view.dtype))
         _private.update_step(owned.optimizers[i], [tf.cast(grad, view.dtype)], [view], lr)
-    _private.local_component(inner.iterations).assign_add(1)
+    for opt in _distinct([inner, *shards.optimizers]):
+        _private.local_component(opt.iterations).assign_add(1)
+
+
+def _distinct(optimizers) -> list:
+    return list({id(o): o for o in optimizers}.values())
 
 
 def _weight_decay(shards, inner, bucket, storage, pieces, lr):

@@ -193,3 +193,31 @@ def without_keras_tracking(method):
     from keras.src.utils import tracking
 
     return tracking.no_automatic_dependency_tracking(method)
+
+
+def multi_optimizer_choices(multi, variables) -> list:
+    """The optimizer a `keras.optimizers.MultiOptimizer` gives each variable.
+
+    As its own `build` does: the map is asked once per variable, and an
+    optimizer it returns that the MultiOptimizer did not know yet joins
+    `multi.optimizers` (a callable map may create optimizers on demand).
+
+    Raises:
+        ValueError: the map returns something that is not a plain Keras
+            optimizer (Keras refuses the same).
+    """
+    choices = []
+    for variable in variables:
+        opt = multi._optimizer_map(variable)
+        if (not isinstance(opt, keras.optimizers.Optimizer)
+                or isinstance(opt, (keras.optimizers.LossScaleOptimizer,
+                                    keras.optimizers.MultiOptimizer))):
+            raise ValueError(
+                f"The MultiOptimizer's map gives {variable.path} the optimizer "
+                f"{opt!r}; it must give a plain Keras optimizer (not a "
+                "LossScaleOptimizer or MultiOptimizer).")
+        if opt not in multi.optimizers:
+            opt.loss_scale_factor = multi.loss_scale_factor
+            multi.optimizers.append(opt)
+        choices.append(opt)
+    return choices
