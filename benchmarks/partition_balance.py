@@ -10,7 +10,10 @@ published configurations; nothing is built or downloaded) at N = 2, 4, 8, 16:
 * traffic: elements moved by the reduce-scatter (and the all-gather) over the
   model's elements, i.e. the padding that imbalance inside a bucket costs;
 * largest: the largest variable's share of the model, the floor under any
-  whole-variable partition's imbalance (N x largest).
+  whole-variable partition's imbalance (N x largest);
+* adafactor / muon state: the busiest replica's optimizer-state bytes over the
+  ideal, when owners are chosen for both loads (`plan_owners(costs=...)`, the
+  state measured by `tf_zero.owners.state_bytes`, as ZeroOptimizer does).
 
     python benchmarks/partition_balance.py [--bucket-mib 8]
 """
@@ -47,9 +50,27 @@ def llama_3_2_1b():
 MODELS = {"gpt2-124m": gpt2_124m, "bert-base": bert_base, "llama-3.2-1b": llama_3_2_1b}
 
 
+def stand_ins(shapes):
+    """Objects with a shape, dtype, name and path (the embeddings named as such:
+    Muon leaves them to its AdamW)."""
+    from types import SimpleNamespace
+
+    out = []
+    for i, shape in enumerate(shapes):
+        name = "embeddings" if i < EMBEDDINGS else f"w{i}"
+        out.append(SimpleNamespace(shape=shape, dtype="float32", name=name,
+                                   path=f"model/layer_{i}/{name}"))
+    return out
+
+
+EMBEDDINGS = 1  # the token embedding comes first in every shape list above
+
+
 def main():
+    import keras
     import numpy as np
 
+    from tf_zero.owners import state_bytes
     from tf_zero.plan import plan_owners
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,18 +78,23 @@ def main():
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4, 8, 16])
     args = parser.parse_args()
     bucket = int(args.bucket_mib * 2**20)
+    optimizers = {"adafactor": keras.optimizers.Adafactor(), "muon": keras.optimizers.Muon()}
     print(f"{'model':<14}{'params':>14}{'largest':>9}{'N':>4}{'imbalance':>11}{'traffic':>9}"
-          f"{'buckets':>9}")
+          f"{'buckets':>9}" + "".join(f"{name + ' state':>16}" for name in optimizers))
     for name, shapes_of in MODELS.items():
         shapes = shapes_of()
         sizes = [int(np.prod(s)) for s in shapes]
         total = sum(sizes)
+        variables = stand_ins(shapes)
+        costs = {k: state_bytes([opt] * len(shapes), variables) for k, opt in optimizers.items()}
         for n in args.replicas:
             plan = plan_owners(shapes, ["float32"] * len(shapes), n, bucket)
             moved = sum(b.padded_size for b in plan.buckets)
+            states = [plan_owners(shapes, ["float32"] * len(shapes), n, bucket,
+                                  costs=c).state_imbalance for c in costs.values()]
             print(f"{name:<14}{total:>14,}{max(sizes) / total:>9.3f}{n:>4}"
-                  f"{plan.imbalance:>11.3f}{moved / total:>9.3f}{len(plan.buckets):>9}",
-                  flush=True)
+                  f"{plan.imbalance:>11.3f}{moved / total:>9.3f}{len(plan.buckets):>9}"
+                  + "".join(f"{x:>16.3f}" for x in states), flush=True)
 
 
 if __name__ == "__main__":

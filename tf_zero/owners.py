@@ -84,6 +84,47 @@ def build_owned(templates, variables, plan, strategy) -> dict:
     return owned
 
 
+# Distinct dimensions for the stand-ins of `state_bytes`: a slot's shape then
+# says which of its variable's axes it keeps.
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def state_bytes(templates, variables) -> list:
+    """Bytes of optimizer state each variable's optimizer would keep for it.
+
+    A copy of the variable's optimizer is built on a tiny stand-in of the same
+    name, path and rank, each axis a distinct prime long; every slot's shape
+    then names the axes it keeps (Adafactor's factored rows and columns,
+    Muon's momentum, a scalar placeholder), and its size at the real shape
+    follows without allocating it. Deterministic: every worker gets the same.
+
+    Args:
+        templates: per variable, the optimizer that updates it.
+        variables: the model variables (or anything with `shape`, `dtype`,
+            `name` and `path`).
+    """
+    costs = []
+    for template, var in zip(templates, variables):
+        shape = tuple(int(d) for d in var.shape)
+        if len(shape) > len(_PRIMES):
+            costs.append(2 * int(np.prod(shape)) * tf.as_dtype(var.dtype).size)
+            continue
+        axis = {p: a for a, p in enumerate(_PRIMES[:len(shape)])}
+        proxy = keras.Variable(np.zeros(_PRIMES[:len(shape)], np.float32), name=var.name,
+                               trainable=False, dtype=var.dtype)
+        view = _private.keras_view(_private.tf_variable(proxy), like=var)
+        with _private.keras_tracking():
+            probe = type(template).from_config(template.get_config())
+            before = len(probe.variables)
+            probe.build([view])
+        total = 0
+        for slot in probe.variables[before:]:
+            dims = [shape[axis[d]] if d in axis else d for d in slot.shape]
+            total += int(np.prod(dims, dtype=np.int64)) * tf.as_dtype(slot.dtype).size
+        costs.append(total)
+    return costs
+
+
 class OwnedSlot(SlotFace):
     """Checkpoint face of one slot of a variable owned whole by one replica.
 

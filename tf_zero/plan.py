@@ -100,6 +100,8 @@ class ShardPlan:
     buckets: tuple[Bucket, ...]
     partition: str = "element"
     """"element" (`plan_shards`) or "whole" (`plan_owners`)."""
+    costs: tuple[int, ...] = ()
+    """`plan_owners` with costs: each variable's optimizer-state bytes."""
 
     @property
     def num_variables(self) -> int:
@@ -163,6 +165,19 @@ class ShardPlan:
             return 1.0
         return max(self.replica_bytes(r) for r in range(self.num_shards)) * (
             self.num_shards / total)
+
+
+    @property
+    def state_imbalance(self) -> float:
+        """Busiest replica's optimizer-state bytes / ideal (plans with `costs`;
+        else the same as `imbalance`)."""
+        if not self.costs or self.partition != "whole":
+            return self.imbalance
+        per = [0] * self.num_shards
+        for i, cost in enumerate(self.costs):
+            per[self.owner(i)] += cost
+        total = sum(per)
+        return max(per) * self.num_shards / total if total else 1.0
 
 
 def _itemsize(dtype: str) -> int:
@@ -264,7 +279,8 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
 
 
 def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
-                num_shards: int, bucket_size_bytes: int) -> ShardPlan:
+                num_shards: int, bucket_size_bytes: int,
+                costs: Sequence[int] | None = None) -> ShardPlan:
     """Gives every variable whole to one replica, balanced, in flat buckets.
 
     Owners first: within each dtype, variables are taken largest first (ties:
@@ -277,15 +293,22 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     padding is what the shorter streams lack: the price of imbalance, paid
     once (`ShardPlan.imbalance`), not once per bucket.
 
+    With `costs` (each variable's optimizer-state bytes, which need not follow
+    its size: Adafactor keeps a row and a column per matrix, Muon two moments
+    for some variables and one for others), both loads are balanced at once:
+    variables go largest first by their larger share (of the dtype's elements
+    or of all the state), each to the replica whose larger share grows least.
+
     Args:
         shapes, dtypes, num_shards, bucket_size_bytes: as for `plan_shards`.
+        costs: optional optimizer-state bytes per variable.
 
     Returns:
         A `ShardPlan` with `partition == "whole"`; `plan.owner(i)` is the
         replica that owns variable `i`.
 
     Raises:
-        ValueError: as for `plan_shards`.
+        ValueError: as for `plan_shards`, or invalid `costs`.
 
     Example:
         >>> plan = plan_owners([(4, 4), (4, 4), (3,)], ["float32"] * 3, 2, 1 << 20)
@@ -295,17 +318,38 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     shapes, dtypes = _validated(shapes, dtypes, num_shards, bucket_size_bytes)
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     total_bytes = [0] * num_shards
+    if costs is not None:
+        costs = [int(c) for c in costs]
+        if len(costs) != len(shapes) or any(c < 0 for c in costs):
+            raise ValueError(f"costs must be {len(shapes)} non-negative byte counts, "
+                             f"got {costs!r}")
+        state_total = max(sum(costs), 1)
+        state = [0] * num_shards
     buckets: list[Bucket] = []
     for dtype in dict.fromkeys(dtypes):
         itemsize = _itemsize(dtype)
         load = [0] * num_shards
         owned: list[list[int]] = [[] for _ in range(num_shards)]
         members = [i for i, d in enumerate(dtypes) if d == dtype]
-        for i in sorted(members, key=lambda i: (-sizes[i], i)):
-            rank = min(range(num_shards), key=lambda r: (load[r], total_bytes[r], r))
-            owned[rank].append(i)
-            load[rank] += sizes[i]
-            total_bytes[rank] += sizes[i] * itemsize
+        if costs is None:
+            for i in sorted(members, key=lambda i: (-sizes[i], i)):
+                rank = min(range(num_shards), key=lambda r: (load[r], total_bytes[r], r))
+                owned[rank].append(i)
+                load[rank] += sizes[i]
+                total_bytes[rank] += sizes[i] * itemsize
+        else:
+            elements = max(sum(sizes[i] for i in members), 1)
+            share = [(sizes[i] / elements, costs[i] / state_total) for i in range(len(sizes))]
+
+            def after(r, i):  # replica r's larger share with variable i added
+                return max(load[r] / elements + share[i][0], state[r] / state_total + share[i][1])
+
+            for i in sorted(members, key=lambda i: (-max(share[i]), i)):
+                rank = min(range(num_shards), key=lambda r: (
+                    after(r, i), max(load[r] / elements, state[r] / state_total), r))
+                owned[rank].append(i)
+                load[rank] += sizes[i]
+                state[rank] += costs[i]
         stream_size = max(bucket_size_bytes // itemsize // num_shards, 1)
         longest = max(load)
         for lo in range(0, longest, stream_size):
@@ -323,4 +367,5 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
             buckets.append(Bucket(len(buckets), dtype, tuple(segments),
                                   sum(seg.size for seg in segments), num_shards,
                                   whole_shard_size=shard_size))
-    return ShardPlan(shapes, dtypes, num_shards, tuple(buckets), partition="whole")
+    return ShardPlan(shapes, dtypes, num_shards, tuple(buckets), partition="whole",
+                     costs=tuple(costs or ()))

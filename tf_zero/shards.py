@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.owners import build_owned
+from tf_zero.owners import build_owned, state_bytes
 from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
 from tf_zero.support import is_multi, variable_optimizers
@@ -114,8 +114,9 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     n = strategy.num_replicas_in_sync
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
     if partition == "whole":
-        plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes)
         optimizers = variable_optimizers(inner, variables)
+        plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes,
+                           costs=state_bytes(optimizers, variables))
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
                       owners=build_owned(optimizers, variables, plan, strategy),
