@@ -14,7 +14,10 @@ OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
               "adam": lambda: keras.optimizers.Adam(0.01),
               # Whole-variable partition; factored slots of other shapes than
               # their variables, named after the variable, not its path.
-              "adafactor": lambda: keras.optimizers.Adafactor(0.01)}
+              "adafactor": lambda: keras.optimizers.Adafactor(0.01),
+              # Whole-variable partition with split variables: the matrices
+              # owned whole, the biases (Muon's AdamW) spread in runs.
+              "muon": lambda: keras.optimizers.Muon(0.01)}
 
 
 def compiled(strategy, make_opt, zero=True, stage=None):

@@ -80,16 +80,25 @@ def test_state_lives_on_the_owner_only():
     shards = model.optimizer.shards
     kinds = {type(o).__name__ for o in shards.optimizers}
     assert kinds == {"Muon", "AdamW"}
-    seen = 0
+    # The matrices are Muon's, owned whole; AdamW's biases are element-wise,
+    # so they are spread over the replicas in runs.
+    assert [shards.plan.is_split(i) for i in range(6)] == [False, True] * 3
+    whole, run_elements = 0, [0] * 6
     for rank, owned in shards.owners.items():
         for i, slots in owned.slot_lists.items():
             assert type(owned.optimizers[i]) is type(shards.optimizers[i])
             for slot in slots:
                 (component,) = _private.components(slot)  # one device, not mirrored
                 assert component.device.endswith(f"CPU:{rank}")
-                seen += 1
-    # Muon keeps a momentum per matrix; AdamW two moments per bias.
-    assert seen == 3 * 1 + 3 * 2
+                whole += 1
+        for i, run in owned.runs.items():
+            assert type(run.optimizer) is type(shards.optimizers[i])
+            assert [tuple(s.shape) for s in run.slots] == [(run.size,)] * 2  # m, v
+            assert all(_private.components(s)[0].device.endswith(f"CPU:{rank}")
+                       for s in run.slots)
+            run_elements[i] += run.size
+    assert whole == 3  # Muon keeps a momentum per matrix
+    assert run_elements == [0, 7, 0, 5, 0, 3]  # every bias element in exactly one run
     report = tf_zero.memory_report(model.optimizer)
     plain = fit(mirrored_strategy(4), muon_and_adamw, zero=False, epochs=1)
     assert report.unsharded.slots == tf_zero.memory_report(plain.optimizer).replicas[0].slots

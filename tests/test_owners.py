@@ -97,10 +97,11 @@ def test_accumulation_equals_one_large_batch(stage):
     assert int(acc.optimizer.iterations.numpy()) == 2
 
 
-def test_overflow_on_one_replica_skips_the_step_everywhere():
+@pytest.mark.parametrize("name", ["lamb", "muon"])
+def test_overflow_on_one_replica_skips_the_step_everywhere(name):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = fit(zero_strategy(4), WHOLE["lamb"], epochs=1)
+        model = fit(zero_strategy(4), WHOLE[name], epochs=1)
         before = model.get_weights()
         scale = float(model.optimizer.dynamic_scale.numpy())
         x, y = regression_data(BATCH)

@@ -164,3 +164,53 @@ def test_owner_plan_examples_and_errors():
         plan_owners([(2,)], ["float32"], 0, 64)
     with pytest.raises(ValueError, match="dtypes"):
         plan_owners([(2,)], [], 2, 64)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("bucket_bytes", [16, 100, 4096])
+def test_split_variables_are_poured_in_runs_and_level_the_loads(num_shards, bucket_bytes):
+    shapes = [(7, 3), (50,), (2, 2), (33,), (1,), (0,), (9, 9), (40, 2)]
+    split = [False, True, False, True, True, True, False, True]
+    plan = plan_owners(shapes, ["float32"] * len(shapes), num_shards, bucket_bytes, split=split)
+    for i, shape in enumerate(shapes):
+        size = int(np.prod(shape))
+        seen = np.zeros(size, int)
+        for b, seg in plan.variable_segments(i):
+            seen[seg.start:seg.start + seg.size] += 1
+        assert (seen == 1).all()  # every element exactly once
+        runs = [plan.run(i, r) for r in range(num_shards)]
+        assert sum(n for _, n in runs) == size
+        if not split[i]:
+            assert sum(1 for _, n in runs if n) == (1 if size else 0)
+            continue
+        # A replica's part of a split variable is one contiguous run.
+        for r, (start, n) in enumerate(runs):
+            covered = sorted((s.start, s.size) for b, s in plan.variable_segments(i)
+                             if s.offset // plan.buckets[b].shard_size == r)
+            assert sum(c for _, c in covered) == n
+            assert all(a + c == b for (a, c), (b, _) in zip(covered, covered[1:]))
+            if covered:
+                assert covered[0][0] == start
+    # Poured into the least-loaded replicas: those that received split elements
+    # end level (within one element), and no other replica is below them.
+    loads = [plan.replica_bytes(r) // 4 for r in range(num_shards)]
+    receivers = [r for r in range(num_shards)
+                 if any(plan.run(i, r)[1] for i in range(len(shapes)) if split[i])]
+    level = max(loads[r] for r in receivers)
+    assert all(loads[r] >= level - 1 for r in range(num_shards))
+    assert all(loads[r] <= level for r in receivers)
+    with pytest.raises(ValueError, match="element split"):
+        plan.owner(1)
+
+
+def test_split_lifts_the_floor_of_a_large_embedding():
+    # An embedding of 40% of the model: owned whole, its replica holds 1.6x the
+    # ideal at N=4; spread in runs, the loads are level.
+    shapes = [(400, 10)] + [(10, 10)] * 60
+    whole = plan_owners(shapes, ["float32"] * len(shapes), 4, 1 << 20)
+    spread = plan_owners(shapes, ["float32"] * len(shapes), 4, 1 << 20,
+                         split=[True] + [False] * 60)
+    assert whole.imbalance == pytest.approx(1.6)
+    assert spread.imbalance == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="split"):
+        plan_owners(shapes, ["float32"] * len(shapes), 4, 1 << 20, split=[True])

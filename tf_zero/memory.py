@@ -143,6 +143,13 @@ def memory_report(optimizer, model=None) -> MemoryReport:
                     for c in _private.components(slot):
                         _add(acc, c.device, "slots", _nbytes(c))
                     unsharded_slots += _nbytes(_private.tf_variable(slot))
+            for run in owned.runs.values():  # split variables: a run on each replica
+                weight = _private.tf_variable(run.weight)
+                _add(acc, weight.device, "weight_shards", _nbytes(weight))
+                for slot in run.slots:
+                    slot = _private.tf_variable(slot)
+                    _add(acc, slot.device, "slots", _nbytes(slot))
+                    unsharded_slots += _nbytes(slot)
         unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
     else:
         stage = 0

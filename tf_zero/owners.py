@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
+from tf_zero.runs import RunSlot, build_runs
 from tf_zero.slot_face import SlotFace
 
 
@@ -39,6 +40,7 @@ class OwnedVariables:
         optimizers: variable index -> the optimizer that updates it.
         slot_lists: variable index -> that optimizer's slots, in the order
             it created them.
+        runs: the replica's runs of split variables (`tf_zero.runs`).
     """
 
     rank: int
@@ -46,6 +48,8 @@ class OwnedVariables:
     views: dict
     optimizers: dict
     slot_lists: dict
+    runs: dict = dataclasses.field(default_factory=dict)
+    """Variable index -> `tf_zero.runs.Run`: this replica's runs of split variables."""
 
     def slots(self, index: int) -> list:
         """The optimizer state of variable `index`, in its creation order."""
@@ -65,7 +69,7 @@ def build_owned(templates, variables, plan, strategy) -> dict:
         device = strategy.extended.worker_devices[local]
         views, optimizers, slot_lists = {}, {}, {}
         for i, var in enumerate(variables):
-            if plan.owner(i) != rank:
+            if plan.is_split(i) or plan.owner(i) != rank:
                 continue
             component = _private.components(var)[local]
             views[i] = _private.keras_view(component, like=var)
@@ -80,7 +84,8 @@ def build_owned(templates, variables, plan, strategy) -> dict:
                     opt.build([views[i]])
             optimizers[i] = opt
             slot_lists[i] = opt.variables[before:]
-        owned[rank] = OwnedVariables(rank, device, views, optimizers, slot_lists)
+        owned[rank] = OwnedVariables(rank, device, views, optimizers, slot_lists,
+                                     build_runs(templates, variables, plan, rank, device))
     return owned
 
 
@@ -178,6 +183,14 @@ def owned_slots(inner, shards, indices=None) -> list:
     indices = range(len(shards.variables)) if indices is None else indices
     items, names = [], []
     for i in indices:
+        if shards.plan.is_split(i):  # spread over several replicas' runs
+            first = min((o.runs[i] for o in shards.owners.values() if i in o.runs),
+                        key=lambda run: run.start)
+            for position, slot in enumerate(first.slots):
+                shape = shards.variables[i].shape if len(slot.shape) else ()
+                items.append(RunSlot(shards, i, position, slot.name, shape, slot.dtype))
+                names.append(slot.name)
+            continue
         owned = shards.owners[shards.plan.owner(i)]
         for position, slot in enumerate(owned.slots(i)):
             items.append(OwnedSlot(shards, i, position, slot))

@@ -102,6 +102,11 @@ class ShardPlan:
     """"element" (`plan_shards`) or "whole" (`plan_owners`)."""
     costs: tuple[int, ...] = ()
     """`plan_owners` with costs: each variable's optimizer-state bytes."""
+    split: tuple[bool, ...] = ()
+    """`plan_owners` with split: the variables spread across replicas."""
+
+    def is_split(self, variable: int) -> bool:
+        return bool(self.split) and self.split[variable]
 
     @property
     def num_variables(self) -> int:
@@ -142,14 +147,29 @@ class ShardPlan:
         Raises:
             ValueError: the plan splits variables (`partition == "element"`).
         """
-        if self.partition != "whole":
-            raise ValueError("owner() is for whole-variable plans; an element "
-                             "split has an owner per element (owner_of).")
+        if self.partition != "whole" or self.is_split(variable):
+            raise ValueError("owner() is for variables owned whole; an element split "
+                             "has an owner per element (owner_of, run).")
         segments = self.variable_segments(variable)
         if not segments:
             return 0  # an empty variable: nothing to own
         b, seg = segments[0]
         return seg.offset // self.buckets[b].shard_size
+
+    def run(self, variable: int, rank: int) -> tuple[int, int]:
+        """(start, size): the elements of `variable` in replica `rank`'s shards.
+
+        Whole-variable plans keep each variable's part on a replica
+        contiguous; size 0 where the replica holds none of it.
+        """
+        parts = []
+        for b, seg in self.variable_segments(variable):
+            if seg.offset // self.buckets[b].shard_size == rank:
+                parts.append(seg)
+        if not parts:
+            return 0, 0
+        start = min(p.start for p in parts)
+        return start, sum(p.size for p in parts)
 
     def replica_bytes(self, rank: int) -> int:
         """Bytes of variable elements (no padding) in shard `rank` of all buckets."""
@@ -175,7 +195,9 @@ class ShardPlan:
             return self.imbalance
         per = [0] * self.num_shards
         for i, cost in enumerate(self.costs):
-            per[self.owner(i)] += cost
+            size = max(self.variable_size(i), 1)
+            for rank in range(self.num_shards):
+                per[rank] += cost * self.run(i, rank)[1] // size
         total = sum(per)
         return max(per) * self.num_shards / total if total else 1.0
 
@@ -280,7 +302,8 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
 
 def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
                 num_shards: int, bucket_size_bytes: int,
-                costs: Sequence[int] | None = None) -> ShardPlan:
+                costs: Sequence[int] | None = None,
+                split: Sequence[bool] | None = None) -> ShardPlan:
     """Gives every variable whole to one replica, balanced, in flat buckets.
 
     Owners first: within each dtype, variables are taken largest first (ties:
@@ -299,16 +322,25 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     variables go largest first by their larger share (of the dtype's elements
     or of all the state), each to the replica whose larger share grows least.
 
+    With `split`, the flagged variables (those their optimizer updates element
+    by element, like the embeddings and vectors Muon leaves to its AdamW) are
+    not owned whole: after the owned ones are placed, they are poured, in
+    index order, into the least-loaded replicas' streams until the loads are
+    level, so each replica holds one contiguous run of some of them. They
+    lift the floor that a large variable puts under a whole partition.
+
     Args:
         shapes, dtypes, num_shards, bucket_size_bytes: as for `plan_shards`.
         costs: optional optimizer-state bytes per variable.
+        split: optional flag per variable: True spreads it across replicas.
 
     Returns:
         A `ShardPlan` with `partition == "whole"`; `plan.owner(i)` is the
-        replica that owns variable `i`.
+        replica that owns variable `i` (`plan.run(i, rank)`: the part of a
+        split variable that replica `rank` holds).
 
     Raises:
-        ValueError: as for `plan_shards`, or invalid `costs`.
+        ValueError: as for `plan_shards`, or invalid `costs` or `split`.
 
     Example:
         >>> plan = plan_owners([(4, 4), (4, 4), (3,)], ["float32"] * 3, 2, 1 << 20)
@@ -317,6 +349,9 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     """
     shapes, dtypes = _validated(shapes, dtypes, num_shards, bucket_size_bytes)
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    split = tuple(bool(f) for f in split) if split is not None else (False,) * len(shapes)
+    if len(split) != len(shapes):
+        raise ValueError(f"got {len(shapes)} shapes but {len(split)} `split` flags")
     total_bytes = [0] * num_shards
     if costs is not None:
         costs = [int(c) for c in costs]
@@ -329,16 +364,17 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     for dtype in dict.fromkeys(dtypes):
         itemsize = _itemsize(dtype)
         load = [0] * num_shards
-        owned: list[list[int]] = [[] for _ in range(num_shards)]
-        members = [i for i, d in enumerate(dtypes) if d == dtype]
+        # Each replica's stream: runs (variable, start, size), whole or split.
+        runs: list[list[tuple[int, int, int]]] = [[] for _ in range(num_shards)]
+        members = [i for i, d in enumerate(dtypes) if d == dtype and not split[i]]
         if costs is None:
             for i in sorted(members, key=lambda i: (-sizes[i], i)):
                 rank = min(range(num_shards), key=lambda r: (load[r], total_bytes[r], r))
-                owned[rank].append(i)
+                runs[rank].append((i, 0, sizes[i]))
                 load[rank] += sizes[i]
                 total_bytes[rank] += sizes[i] * itemsize
         else:
-            elements = max(sum(sizes[i] for i in members), 1)
+            elements = max(sum(sizes[i] for i, d in enumerate(dtypes) if d == dtype), 1)
             share = [(sizes[i] / elements, costs[i] / state_total) for i in range(len(sizes))]
 
             def after(r, i):  # replica r's larger share with variable i added
@@ -347,9 +383,25 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
             for i in sorted(members, key=lambda i: (-max(share[i]), i)):
                 rank = min(range(num_shards), key=lambda r: (
                     after(r, i), max(load[r] / elements, state[r] / state_total), r))
-                owned[rank].append(i)
+                runs[rank].append((i, 0, sizes[i]))
                 load[rank] += sizes[i]
                 state[rank] += costs[i]
+        poured = [i for i, d in enumerate(dtypes) if d == dtype and split[i] and sizes[i]]
+        amounts = _level(load, sum(sizes[i] for i in poured))
+        queue = [(i, 0) for i in poured]
+        for rank in range(num_shards):
+            want = amounts[rank]
+            while want:
+                i, start = queue[0]
+                take = min(want, sizes[i] - start)
+                runs[rank].append((i, start, take))
+                if costs is not None:
+                    state[rank] += costs[i] * take // max(sizes[i], 1)
+                want -= take
+                queue[0] = (i, start + take)
+                if start + take == sizes[i]:
+                    queue.pop(0)
+            load[rank] += amounts[rank]
         stream_size = max(bucket_size_bytes // itemsize // num_shards, 1)
         longest = max(load)
         for lo in range(0, longest, stream_size):
@@ -358,14 +410,29 @@ def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
             segments = []
             for rank in range(num_shards):
                 position = 0
-                for i in sorted(owned[rank]):
-                    a, b = max(lo, position), min(hi, position + sizes[i])
+                for i, start, size in sorted(runs[rank]):
+                    a, b = max(lo, position), min(hi, position + size)
                     if a < b:
-                        segments.append(Segment(i, a - position, b - a,
+                        segments.append(Segment(i, start + a - position, b - a,
                                                 rank * shard_size + a - lo))
-                    position += sizes[i]
+                    position += size
             buckets.append(Bucket(len(buckets), dtype, tuple(segments),
                                   sum(seg.size for seg in segments), num_shards,
                                   whole_shard_size=shard_size))
     return ShardPlan(shapes, dtypes, num_shards, tuple(buckets), partition="whole",
-                     costs=tuple(costs or ()))
+                     costs=tuple(costs or ()), split=split)
+
+
+def _level(load: list[int], total: int) -> list[int]:
+    """Amounts that raise the lowest loads first until `total` is poured
+    (the loads then differ by at most one where anything was added)."""
+    order = sorted(range(len(load)), key=lambda r: (load[r], r))
+    low = [load[r] for r in order]
+    k = 1
+    while k < len(low) and sum(low[k] - x for x in low[:k]) < total:
+        k += 1
+    base, extra = divmod(total + sum(low[:k]), k)
+    amounts = [0] * len(load)
+    for j in range(k):
+        amounts[order[j]] = base + (1 if j < extra else 0) - low[j]
+    return amounts

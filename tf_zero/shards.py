@@ -26,7 +26,7 @@ from tf_zero import _private
 from tf_zero.owners import build_owned, state_bytes
 from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
-from tf_zero.support import is_multi, variable_optimizers
+from tf_zero.support import is_multi, split_variables, variable_optimizers
 
 # Optimizers whose build() initializes a slot from the variable's value; the
 # shards do not hold their values yet when build() runs on all replicas at once.
@@ -78,10 +78,17 @@ class Shards:
         return bucket.index in self.owned
 
     def read_weight_shard(self, bucket: Bucket, rank: int) -> tf.Tensor:
-        """Replica `rank`'s slice of a bucket, read from the model's weights."""
+        """Replica `rank`'s slice of a bucket, read from the model's weights
+        (a split variable's run: from the replica's updated copy of it)."""
         parts = []
         pieces = bucket.shard_pieces(rank)
+        runs = self.owners[rank].runs if self.owners else {}
         for p in pieces:
+            if p.variable in runs:
+                run = runs[p.variable]
+                lo = p.start - run.start
+                parts.append(run.weight.value[lo:lo + p.size])
+                continue
             value = _read(self.variables[p.variable])
             parts.append(tf.reshape(value, [-1])[p.start:p.start + p.size])
         covered = sum(p.size for p in pieces)
@@ -115,8 +122,12 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
     if partition == "whole":
         optimizers = variable_optimizers(inner, variables)
+        # Runs of split variables live on one worker's replicas (RunSlot reads
+        # them locally): across workers every variable stays whole.
+        split = (split_variables(inner, optimizers, variables)
+                 if _private.worker_count(strategy) == 1 else None)
         plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes,
-                           costs=state_bytes(optimizers, variables))
+                           costs=state_bytes(optimizers, variables), split=split)
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
                       owners=build_owned(optimizers, variables, plan, strategy),

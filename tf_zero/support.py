@@ -172,6 +172,27 @@ def variable_optimizers(inner, variables) -> tuple:
     return tuple(choices)
 
 
+def split_variables(inner, optimizers, variables) -> tuple:
+    """Which variables the whole-variable partition may spread across replicas.
+
+    Those their optimizer updates element by element: the ones Keras' Muon
+    leaves to its AdamW (embeddings, vectors, norms), and, under a
+    MultiOptimizer, those it gives to an element-wise optimizer. Lamb and
+    Adafactor need every variable whole. (A partition forced to "whole" on an
+    element-wise optimizer keeps every variable whole, as asked.)
+    """
+    flags = []
+    for opt, var in zip(optimizers, variables):
+        if is_multi(inner) and not needs_whole_tensors(opt):
+            flags.append(True)
+        elif any(k.__name__ == "Muon" and k.__module__.startswith("keras")
+                 for k in type(opt).__mro__):
+            flags.append(_private.muon_uses_adamw(opt, var))
+        else:
+            flags.append(False)
+    return tuple(flags)
+
+
 def check_stage3(config, strategy, variables):
     """Stage 3 needs sharded weights: warn or refuse when there are none."""
     if config.stage != 3 or any(is_sharded(v) for v in variables):

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_zero import _private, collectives
+from tf_zero import _private, collectives, runs
 from tf_zero.shards import Shards, shard_mask
 
 
 def refresh_weight_shards(shards: Shards, rank: int) -> None:
     """Copies this replica's slice of the model's weights into its shards.
 
-    (Whole variables are updated in the model's own copy: nothing to copy.)
+    (Whole variables are updated in the model's own copy: nothing to copy;
+    a split variable's runs are copied into the replica's runs of it.)
     """
+    if shards.whole:
+        runs.refresh(shards.owners[rank].runs, shards.variables)
+        return
     for bucket, storage in zip(shards.plan.buckets, shards.storage):
         if not shards.is_owned(bucket):
             _private.local_component(storage).assign(shards.read_weight_shard(bucket, rank))
@@ -86,6 +90,22 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
             wd = tf.cast(opt.weight_decay, view.dtype)
             view.assign_sub(view.value * wd * tf.cast(lr, view.dtype))
         _private.update_step(owned.optimizers[i], [tf.cast(grad, view.dtype)], [view], lr)
+    for i, run in sorted(owned.runs.items()):
+        if i in missing:
+            continue
+        parts = []  # this replica's run of the gradient, bucket by bucket
+        for b, seg in shards.plan.variable_segments(i):
+            lo = seg.offset - rank * shards.plan.buckets[b].shard_size
+            if 0 <= lo < shards.plan.buckets[b].shard_size:
+                parts.append(shard_grads[b][lo:lo + seg.size])
+        grad = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+        opt, weight = shards.optimizers[i], run.weight
+        lr = rates[id(opt)]
+        if opt.weight_decay is not None and _private.uses_weight_decay(
+                opt, shards.variables[i]):
+            wd = tf.cast(opt.weight_decay, weight.dtype)
+            weight.assign_sub(weight.value * wd * tf.cast(lr, weight.dtype))
+        _private.update_step(run.optimizer, [tf.cast(grad, weight.dtype)], [weight], lr)
     for opt in _distinct([inner, *shards.optimizers]):
         _private.local_component(opt.iterations).assign_add(1)
 

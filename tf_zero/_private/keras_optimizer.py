@@ -221,3 +221,8 @@ def multi_optimizer_choices(multi, variables) -> list:
             multi.optimizers.append(opt)
         choices.append(opt)
     return choices
+
+
+def muon_uses_adamw(muon, variable) -> bool:
+    """Whether Keras' Muon updates `variable` with its element-wise AdamW."""
+    return bool(muon._should_use_adamw(variable))
