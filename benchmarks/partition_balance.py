@@ -12,8 +12,10 @@ published configurations; nothing is built or downloaded) at N = 2, 4, 8, 16:
 * largest: the largest variable's share of the model, the floor under any
   whole-variable partition's imbalance (N x largest);
 * adafactor / muon state: the busiest replica's optimizer-state bytes over the
-  ideal, when owners are chosen for both loads (`plan_owners(costs=...)`, the
-  state measured by `tf_zero.owners.state_bytes`, as ZeroOptimizer does).
+  ideal, with the plan ZeroOptimizer makes for that optimizer: owners chosen
+  for both loads (`plan_owners(costs=...)`, the state measured by
+  `tf_zero.owners.state_bytes`), and the variables Muon updates with its
+  element-wise AdamW (embeddings, vectors) spread in runs (`split=...`).
 
     python benchmarks/partition_balance.py [--bucket-mib 8]
 """
@@ -72,6 +74,7 @@ def main():
 
     from tf_zero.owners import state_bytes
     from tf_zero.plan import plan_owners
+    from tf_zero.support import split_variables
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bucket-mib", type=float, default=8.0)
@@ -87,11 +90,13 @@ def main():
         total = sum(sizes)
         variables = stand_ins(shapes)
         costs = {k: state_bytes([opt] * len(shapes), variables) for k, opt in optimizers.items()}
+        splits = {k: split_variables(opt, [opt] * len(shapes), variables)
+                  for k, opt in optimizers.items()}
         for n in args.replicas:
             plan = plan_owners(shapes, ["float32"] * len(shapes), n, bucket)
             moved = sum(b.padded_size for b in plan.buckets)
-            states = [plan_owners(shapes, ["float32"] * len(shapes), n, bucket,
-                                  costs=c).state_imbalance for c in costs.values()]
+            states = [plan_owners(shapes, ["float32"] * len(shapes), n, bucket, costs=costs[k],
+                                  split=splits[k]).state_imbalance for k in optimizers]
             print(f"{name:<14}{total:>14,}{max(sizes) / total:>9.3f}{n:>4}"
                   f"{plan.imbalance:>11.3f}{moved / total:>9.3f}{len(plan.buckets):>9}"
                   + "".join(f"{x:>16.3f}" for x in states), flush=True)
