@@ -287,9 +287,9 @@ def test_inner_optimizer_with_state_outside_scope_is_refused():
             opt.build(model.trainable_variables)
 
 
-# (Lamb, Adafactor and Muon are partitioned by whole variables: tests/test_owners.py.)
+# (Lamb, Adafactor and Muon are partitioned by whole variables: tests/test_owners.py;
+# use_ema=True is sharded: tests/test_ema.py.)
 @pytest.mark.parametrize("make, match", [
-    (lambda: keras.optimizers.Adam(use_ema=True), "use_ema"),
     (lambda: keras.optimizers.Adam(gradient_accumulation_steps=2), "gradient_accumulation"),
     (lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()), "plain optimizer"),
     (lambda: "adam", "Keras optimizer instance"),

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, sharded_state, support
+from tf_zero import _private, sharded_state, support, update
 from tf_zero.accumulation import Accumulator, check_steps
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
 from tf_zero.plan import ShardPlan
@@ -189,16 +189,15 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
         raise ValueError("ZeroOptimizer is stateful; stateless_apply is not supported.")
 
     def finalize_variable_values(self, var_list):
-        shards = self._shards
-        if shards is None or not support.is_multi(self._inner):
+        """At the end of `fit`: with `use_ema`, the model takes the averages.
+
+        (Sharded: each average is read whole, from its shards or owner, and
+        written to every replica's copy of its variable.)
+        """
+        if self._shards is not None:
+            update.overwrite_with_averages(self._shards, self._checkpoint.items)
+        else:
             self._inner.finalize_variable_values(var_list)
-            return
-        # A MultiOptimizer that was never built: each of its optimizers, on its variables.
-        chosen = {id(v): opt for v, opt in zip(shards.variables, shards.optimizers)}
-        for opt in self._inner.optimizers:
-            mine = [v for v in var_list if chosen.get(id(v)) is opt]
-            if mine:
-                opt.finalize_variable_values(mine)
 
     # ---- build ---------------------------------------------------------------
 
@@ -247,7 +246,8 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
             self._inner = inner = inner_in_scope(self._inner, strategy)
             if self._partition == "whole":
                 support.check_whole_partition(inner, config, strategy, self._model_variables)
-            support.check_stage3(config, strategy, self._model_variables)
+            support.check_stage3(config, strategy, self._model_variables,
+                                 [inner, *(inner.optimizers if support.is_multi(inner) else ())])
             self._shards = build_shards(inner, self._model_variables, strategy,
                                         config.bucket_size_bytes, config.reduce_dtype,
                                         partition=self._partition)

@@ -169,7 +169,8 @@ def owned_slots(inner, shards, indices=None) -> list:
 
     A plain optimizer built on the model would create its slots variable by
     variable (Lamb, Adafactor and Muon all do), so its order is each
-    variable's slots in turn. That is checked against a plain copy of the
+    variable's slots in turn (after every variable's moving average, with
+    `use_ema`). That is checked against a plain copy of the
     optimizer built on tiny stand-ins of the same names, paths and ranks.
 
     Args:
@@ -181,20 +182,24 @@ def owned_slots(inner, shards, indices=None) -> list:
         ValueError: the plain optimizer orders its slots otherwise.
     """
     indices = range(len(shards.variables)) if indices is None else indices
-    items, names = [], []
+    per_variable = []
     for i in indices:
         if shards.plan.is_split(i):  # spread over several replicas' runs
             first = min((o.runs[i] for o in shards.owners.values() if i in o.runs),
                         key=lambda run: run.start)
-            for position, slot in enumerate(first.slots):
-                shape = shards.variables[i].shape if len(slot.shape) else ()
-                items.append(RunSlot(shards, i, position, slot.name, shape, slot.dtype))
-                names.append(slot.name)
+            per_variable.append([
+                RunSlot(shards, i, position, slot.name,
+                        shards.variables[i].shape if len(slot.shape) else (), slot.dtype)
+                for position, slot in enumerate(first.slots)])
             continue
         owned = shards.owners[shards.plan.owner(i)]
-        for position, slot in enumerate(owned.slots(i)):
-            items.append(OwnedSlot(shards, i, position, slot))
-            names.append(slot.name)
+        per_variable.append([OwnedSlot(shards, i, position, slot)
+                             for position, slot in enumerate(owned.slots(i))])
+    # With use_ema the base optimizer creates every variable's average first.
+    lead = 1 if inner.use_ema else 0
+    items = [s for slots in per_variable for s in slots[:lead]]
+    items += [s for slots in per_variable for s in slots[lead:]]
+    names = [item.name for item in items]
     proxies = []
     for v in (shards.variables[i] for i in indices):
         proxy = keras.Variable(np.zeros((1,) * len(v.shape), np.float32), name=v.name,

@@ -24,6 +24,12 @@ class SlotFace(_private.Trackable):
     name: str
     shape: tuple
     dtype: tf.DType
+    _index: int
+
+    @property
+    def variable_index(self) -> int:
+        """Index of the model variable whose slot this is."""
+        return self._index
 
     def value(self) -> tf.Tensor:
         raise NotImplementedError

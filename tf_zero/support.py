@@ -110,7 +110,7 @@ def validate(inner, stage, bucket_size_bytes, reduce_dtype, accumulation_steps, 
 
 
 def check_supported(inner):
-    """Refuses what ZeroOptimizer cannot host: EMA, Keras' own accumulation.
+    """Refuses what ZeroOptimizer cannot host: Keras' own accumulation.
 
     (A MultiOptimizer's own optimizers are checked one by one.)
     """
@@ -118,11 +118,6 @@ def check_supported(inner):
         for opt in inner.optimizers:
             check_supported(opt)
         return
-    if inner.use_ema:
-        raise ValueError(
-            "ZeroOptimizer does not support use_ema=True on the inner optimizer "
-            "(the moving average would need the full weights); drop use_ema or "
-            "keep an EMA in a callback.")
     if inner.gradient_accumulation_steps:
         raise ValueError(
             "Keras' gradient_accumulation_steps is not supported inside "
@@ -193,8 +188,19 @@ def split_variables(inner, optimizers, variables) -> tuple:
     return tuple(flags)
 
 
-def check_stage3(config, strategy, variables):
-    """Stage 3 needs sharded weights: warn or refuse when there are none."""
+def check_stage3(config, strategy, variables, optimizers=()):
+    """Stage 3 needs sharded weights: warn or refuse when there are none.
+
+    Raises:
+        ValueError: no sharded weights under an explicit stage 3, or an
+            optimizer with `use_ema=True` (stage 3 keeps no full weights to
+            average into).
+    """
+    if config.stage == 3 and any(getattr(o, "use_ema", False) for o in optimizers):
+        raise ValueError(
+            "use_ema=True is supported at stages 1 and 2 (the moving averages "
+            "are sharded like slots), not at stage 3: train at stage 2, or "
+            "drop use_ema.")
     if config.stage != 3 or any(is_sharded(v) for v in variables):
         return
     if getattr(strategy, "stage", None) == 3:

@@ -62,6 +62,7 @@ def update_shards(shards: Shards, inner, shard_grads, missing, rank: int) -> Non
         for v, old in zip(state, saved):
             comp = _private.local_component(v)
             comp.assign(tf.where(keep, old, comp.read_value()))
+    _update_averages(_averages(shards, inner, rank))
     _private.local_component(inner.iterations).assign_add(1)
 
 
@@ -106,8 +107,65 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
             wd = tf.cast(opt.weight_decay, weight.dtype)
             weight.assign_sub(weight.value * wd * tf.cast(lr, weight.dtype))
         _private.update_step(run.optimizer, [tf.cast(grad, weight.dtype)], [weight], lr)
+    _update_averages(_averages(shards, inner, rank))
     for opt in _distinct([inner, *shards.optimizers]):
         _private.local_component(opt.iterations).assign_add(1)
+
+
+def _averages(shards, inner, rank) -> list:
+    """(optimizer, weight, average): each moving average this replica keeps
+    (`use_ema`), beside what it averages: a shard, an owned variable's copy,
+    or a run."""
+    if not shards.whole:
+        if not inner.use_ema:
+            return []
+        return [(inner, storage, _average_slot(slots))
+                for storage, slots in zip(shards.storage, shards.slots)]
+    owned, entries = shards.owners[rank], []
+    for i, view in sorted(owned.views.items()):
+        if shards.optimizers[i].use_ema:
+            entries.append((shards.optimizers[i], view, _average_slot(owned.slot_lists[i])))
+    for i, run in sorted(owned.runs.items()):
+        if shards.optimizers[i].use_ema:
+            entries.append((shards.optimizers[i], run.weight, _average_slot(run.slots)))
+    return entries
+
+
+def _average_slot(slots):
+    return next(s for s in slots if s.name.endswith("_average"))
+
+
+def _update_averages(entries) -> None:
+    """Keras' moving average of the weights, with its formula, on the part this
+    replica keeps; every `ema_overwrite_frequency` steps the weights take the
+    averages (published by the all-gather that follows)."""
+    for opt, weight, average in entries:
+        w, a = _private.local_component(weight), _private.local_component(average)
+        not_first = tf.not_equal(_private.local_component(opt.iterations).read_value(), 0)
+        momentum = tf.cast(not_first, w.dtype) * opt.ema_momentum
+        a.assign(momentum * a.read_value() + (1 - momentum) * w.read_value())
+    for opt in _distinct([e[0] for e in entries if e[0].ema_overwrite_frequency]):
+        pairs = [(w, a) for o, w, a in entries if o is opt]
+        step = _private.local_component(opt.iterations).read_value() + 1
+
+        def overwrite(pairs=pairs):
+            for w, a in pairs:
+                _private.local_component(w).assign(_private.local_component(a).read_value())
+            return tf.constant(True)
+
+        tf.cond(tf.equal(step % opt.ema_overwrite_frequency, 0), overwrite,
+                lambda: tf.constant(False))
+
+
+def overwrite_with_averages(shards, items) -> None:
+    """Every model variable takes its full moving average (end of `fit`, with
+    `use_ema`): read whole from the checkpoint face, written to every replica.
+    Cross-replica context."""
+    for item in items:
+        if getattr(item, "variable_index", None) is None or not item.name.endswith("_average"):
+            continue
+        var = shards.variables[item.variable_index]
+        var.assign(tf.cast(item.value(), var.dtype))
 
 
 def _distinct(optimizers) -> list:
