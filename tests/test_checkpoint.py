@@ -167,8 +167,9 @@ class _Crash(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_backup_and_restore_resumes_after_a_crash(tmp_path):
-    make = OPTIMIZERS["adam"]
+@pytest.mark.parametrize("name", ["adam", "muon"])  # element split; whole variables and runs
+def test_backup_and_restore_resumes_after_a_crash(tmp_path, name):
+    make = OPTIMIZERS[name]
     reference = train(compiled(zero_strategy(4), make), epochs=3).get_weights()
     backup = str(tmp_path / "backup")
     model = compiled(zero_strategy(4), make)
