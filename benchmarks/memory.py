@@ -8,6 +8,12 @@ replicas share one process, so peak RSS shows the real saving, transient
 buffers included.
 
     python benchmarks/memory.py [--params 50e6] [--replicas 1 2 4 8] [--steps 3]
+
+With --whole it measures the whole-variable partition instead: the busiest
+replica's optimizer state (memory_report) over the ideal 1/N, for Adafactor and
+Muon on a keras_hub Llama, at each N:
+
+    python benchmarks/memory.py --whole [--replicas 2 4 8] [--layers 8 --hidden-dim 256]
 """
 
 import argparse
@@ -35,6 +41,47 @@ def child(mode, n, params, steps, hidden=None):
                       "peak_rss_mib": _common.peak_rss_mib()}))
 
 
+def whole_child(n, optimizer, layers, hidden, vocab):
+    """One process: a keras_hub Llama under ZeroOptimizer(Adafactor or Muon), N replicas."""
+    devices = _common.configure_cpus(n)
+    import keras
+    import keras_hub
+
+    import tf_zero
+
+    strategy = tf_zero.ZeroStrategy(devices, stage=2)
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model = keras_hub.models.LlamaBackbone(
+            vocabulary_size=vocab, num_layers=layers, num_query_heads=8, num_key_value_heads=4,
+            hidden_dim=hidden, intermediate_dim=hidden * 11 // 4)
+        make = {"adafactor": keras.optimizers.Adafactor, "muon": keras.optimizers.Muon}[optimizer]
+        opt = tf_zero.ZeroOptimizer(make(1e-3))
+        opt.build(model.trainable_variables)
+    report = tf_zero.memory_report(opt)
+    print(json.dumps({"n": n, "optimizer": optimizer, "params": model.count_params(),
+                      "slots": report.max_replica.slots, "unsharded": report.unsharded.slots,
+                      "plan": opt.plan.state_imbalance, "weights": opt.plan.imbalance}))
+
+
+def whole(args):
+    """Busiest replica's optimizer state vs the ideal, measured by memory_report."""
+    mib = 2 ** 20
+    print(f"keras_hub Llama: {args.layers} layers, hidden {args.hidden_dim}, vocabulary "
+          f"{args.vocab}; ZeroOptimizer(partition='whole'), stage 2, built (memory_report)")
+    print(f"{'optimizer':>10} {'N':>3} {'params':>11} {'unsharded':>10} {'busiest':>9} "
+          f"{'x ideal':>8} {'plan':>6} {'weights':>8}   (MiB of slots)")
+    for optimizer in args.optimizers:
+        for n in args.replicas:
+            r = json.loads(_common.run_child([
+                __file__, "--whole-child", optimizer, str(n), "--layers", str(args.layers),
+                "--hidden-dim", str(args.hidden_dim), "--vocab", str(args.vocab)]))
+            ideal = r["unsharded"] / n
+            print(f"{optimizer:>10} {n:>3} {r['params']:>11,} {r['unsharded'] / mib:>10.1f} "
+                  f"{r['slots'] / mib:>9.1f} {r['slots'] / ideal:>8.3f} {r['plan']:>6.3f} "
+                  f"{r['weights']:>8.3f}", flush=True)
+
+
 def _state(r):
     return r["weights"] + r["weight_shards"] + r["slots"] + r["grad_buffers"]
 
@@ -49,7 +96,19 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--plot", default=None, help="write a PNG (slots per replica vs N)")
     parser.add_argument("--child", nargs=2)
+    parser.add_argument("--whole", action="store_true",
+                        help="Adafactor and Muon on a keras_hub Llama (whole-variable partition)")
+    parser.add_argument("--optimizers", nargs="+", default=["adafactor", "muon"])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden-dim", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--whole-child", nargs=2)
     args = parser.parse_args()
+    if args.whole_child:
+        return whole_child(int(args.whole_child[1]), args.whole_child[0], args.layers,
+                           args.hidden_dim, args.vocab)
+    if args.whole:
+        return whole(args)
     if args.child:
         return child(args.child[0], int(args.child[1]), int(args.params), args.steps,
                      args.hidden)
