@@ -142,7 +142,9 @@ def memory_report(optimizer, model=None) -> MemoryReport:
                 for slot in slots:
                     for c in _private.components(slot):
                         _add(acc, c.device, "slots", _nbytes(c))
-                    unsharded_slots += _nbytes(_private.tf_variable(slot))
+        unsharded_slots += sum(  # every variable's, also those other workers own
+            int(tf.TensorShape(spec.shape).num_elements()) * spec.dtype.size
+            for specs in shards.slot_specs for spec in specs)
         unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
     else:
         stage = 0

@@ -14,18 +14,84 @@ optimizer from its config that counts steps in the inner optimizer's
 and path as the model's variable, so slot names and Muon's path rules are
 the plain optimizer's). Its slots are plain variables on the owner's device:
 no other replica holds them.
+
+Every worker still knows every slot's name, shape and dtype, in the plain
+optimizer's order (`plain_slot_specs`: copies of the optimizer built on
+stand-ins in a graph of their own, so nothing is allocated and no worker has
+to ask another), which is what the checkpoint face needs: a checkpoint holds
+all of them, whichever worker owns them (`OwnedSlot`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.slot_face import SlotFace
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSpec:
+    """What every worker knows of a slot, wherever it lives.
+
+    Attributes:
+        name: the slot's name (the plain optimizer's).
+        shape: its shape.
+        dtype: its dtype.
+    """
+
+    name: str
+    shape: tuple
+    dtype: tf.DType
+
+    @classmethod
+    def of(cls, variable) -> "SlotSpec":
+        return cls(variable.name, tuple(variable.shape), tf.as_dtype(variable.dtype))
+
+
+def plain_slot_specs(inner, variables) -> tuple:
+    """Per variable, the slots a plain `inner` would create for it, in order.
+
+    A plain optimizer built on the model creates its slots variable by
+    variable (Lamb, Adafactor and Muon all do), so its order is each
+    variable's slots in turn, and a copy of it built on one variable creates
+    exactly that variable's slots (Adafactor's factored moments have shapes
+    derived from the variable's; Muon chooses its slots by path and shape).
+    Both are built here on stand-ins of the variables' names, paths, shapes
+    and dtypes in a graph of their own: nothing is allocated, and every
+    worker computes the same answer, including for variables other workers
+    own, without communicating.
+
+    Returns:
+        A tuple with, for each of `variables`, a tuple of `SlotSpec`s.
+
+    Raises:
+        ValueError: the plain optimizer orders its slots otherwise.
+    """
+    config = inner.get_config()  # eagerly: it reads the learning rate
+
+    def slots_of(var_list):
+        optimizer = type(inner).from_config(config)
+        before = len(optimizer.variables)
+        optimizer.build(var_list)
+        return [SlotSpec.of(v) for v in optimizer.variables[before:]]
+
+    with tf.Graph().as_default(), _private.keras_tracking():
+        stand_ins = [_private.stand_in(v) for v in variables]
+        per_variable = tuple(tuple(slots_of([v])) for v in stand_ins)
+        plain = slots_of(stand_ins)
+    joined = [spec for specs in per_variable for spec in specs]
+    if plain != joined:
+        raise ValueError(
+            f"{type(inner).__name__} does not create its slots variable by "
+            "variable, so tf_zero cannot give its whole-variable checkpoints the "
+            "plain optimizer's order. Train it with ZeroOptimizer(partition="
+            "'element') if it is element-wise, or unwrapped. "
+            f"(plain order {[s.name for s in plain[:4]]}..., per variable "
+            f"{[s.name for s in joined[:4]]}...)")
+    return per_variable
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,10 +118,15 @@ class OwnedVariables:
         return self.slot_lists[index]
 
 
-def build_owned(inner, variables, plan, strategy) -> dict:
+def build_owned(inner, variables, plan, strategy, slot_specs) -> dict:
     """{rank: OwnedVariables} for the replicas of this worker.
 
-    Runs in cross-replica context under `strategy.scope()`.
+    Runs in cross-replica context under `strategy.scope()`. Variables owned
+    by another worker's replicas get nothing here.
+
+    Args:
+        slot_specs: `plain_slot_specs(inner, variables)`; each optimizer
+            built here must create what it says.
     """
     ranks = _private.local_replica_ranks(strategy)
     owned = {}
@@ -78,6 +149,13 @@ def build_owned(inner, variables, plan, strategy) -> dict:
                     opt.build([views[i]])
             optimizers[i] = opt
             slot_lists[i] = opt.variables[before:]
+            built = [SlotSpec.of(v) for v in slot_lists[i]]
+            if built != list(slot_specs[i]):
+                raise ValueError(
+                    f"{type(inner).__name__} created the slots {built} for {var.path} "
+                    f"on its owner but {list(slot_specs[i])} on a stand-in of it; "
+                    "tf_zero cannot checkpoint its whole-variable state. Train it "
+                    "unwrapped.")
         owned[rank] = OwnedVariables(rank, device, views, optimizers, slot_lists)
     return owned
 
@@ -85,69 +163,80 @@ def build_owned(inner, variables, plan, strategy) -> dict:
 class OwnedSlot(SlotFace):
     """Checkpoint face of one slot of a variable owned whole by one replica.
 
-    The slot lives only on the owner (`tf_zero.owners`); saving reads it
-    there, restoring writes it there. At another replica count the owner
-    changes, and the value lands on the new one.
+    The slot lives only on the owner (`tf_zero.owners`). On one worker,
+    saving reads it there. Across workers, saving is collective: every
+    worker's save reads every slot, so each one gathers from all replicas a
+    value that is the slot on its owner and empty on every other replica
+    (every worker makes the same gathers in the same order, as it saves the
+    same items). Restoring writes the slot where its owner is local and does
+    nothing on other workers. At another replica count the owner changes, and
+    the value lands on the new one.
 
     Args:
         shards: the sharded optimizer state (`partition == "whole"`).
         variable_index: index of the model variable.
         position: the slot's position among that variable's slots.
-        slot: the slot variable itself (on its owner).
+        spec: the slot's `SlotSpec`.
     """
 
-    def __init__(self, shards, variable_index, position, slot):
+    def __init__(self, shards, variable_index, position, spec):
         self._shards = shards
         self._index = variable_index
         self._position = position
-        self.name = slot.name
-        self.shape = tuple(slot.shape)
-        self.dtype = tf.as_dtype(slot.dtype)
+        self.name = spec.name
+        self.shape = tuple(spec.shape)
+        self.dtype = tf.as_dtype(spec.dtype)
+        self._gather = None
 
-    def _slot(self):
-        owned = self._shards.owners[self._shards.plan.owner(self._index)]
-        return owned.slots(self._index)[self._position]
+    def _owner(self) -> int:
+        return self._shards.plan.owner(self._index)
+
+    def _local_slot(self):
+        """The slot variable, or None where its owner is on another worker."""
+        owned = self._shards.owners.get(self._owner())
+        return None if owned is None else owned.slots(self._index)[self._position]
 
     def value(self) -> tf.Tensor:
+        strategy = self._shards.strategy
+        if not _private.in_multi_worker_mode(strategy):
+            with tf.device("/cpu:0"):
+                return tf.identity(self._local_slot().value)
+        if self._gather is None:
+            # Traced once (an eager gather traces a function of its own each
+            # time, about half a second): later saves only run it.
+            owner, slot = self._owner(), self._local_slot()
+            self._gather = tf.function(
+                lambda: gather_from_owner(strategy, owner, slot, self.dtype), autograph=False)
+        flat = self._gather()
         with tf.device("/cpu:0"):
-            return tf.identity(self._slot().value)
+            return tf.reshape(flat, self.shape)
 
     def _write(self, value):
-        self._slot().assign(tf.cast(value, self.dtype))
+        slot = self._local_slot()
+        if slot is not None:
+            slot.assign(tf.cast(value, self.dtype))
+
+
+def gather_from_owner(strategy, owner: int, variable, dtype) -> tf.Tensor:
+    """Replica `owner`'s `variable`, flattened, on every worker (collective).
+
+    Every worker must call this with the same `owner`; `variable` is the
+    variable on the worker that holds replica `owner`, None elsewhere. The
+    other replicas contribute an empty tensor, which `strategy.gather` pads
+    to the owner's size on the wire (so N copies of the slot move: saves
+    are rare, and the result is the owner's value bit for bit).
+    """
+
+    def part(ctx):
+        if ctx.replica_id_in_sync_group == owner and variable is not None:
+            return tf.reshape(variable.value, [-1])
+        return tf.zeros([0], dtype)
+
+    return strategy.gather(strategy.experimental_distribute_values_from_function(part), axis=0)
 
 
 def owned_slots(inner, shards) -> list:
-    """Checkpoint items for the slots of whole variables, in the plain order.
-
-    A plain optimizer built on the model would create its slots variable by
-    variable (Lamb, Adafactor and Muon all do), so its order is each
-    variable's slots in turn. That is checked against a plain copy of the
-    optimizer built on tiny stand-ins of the same names, paths and ranks.
-
-    Raises:
-        ValueError: the plain optimizer orders its slots otherwise.
-    """
-    items, names = [], []
-    for i in range(len(shards.variables)):
-        owned = shards.owners[shards.plan.owner(i)]
-        for position, slot in enumerate(owned.slots(i)):
-            items.append(OwnedSlot(shards, i, position, slot))
-            names.append(slot.name)
-    proxies = []
-    for v in shards.variables:
-        proxy = keras.Variable(np.zeros((1,) * len(v.shape), np.float32), name=v.name,
-                               trainable=False)
-        proxies.append(_private.keras_view(_private.tf_variable(proxy), like=v))
-    with _private.keras_tracking():
-        probe = type(inner).from_config(inner.get_config())
-        before = len(probe.variables)
-        probe.build(proxies)
-    plain = [v.name for v in probe.variables[before:]]
-    if plain != names:
-        raise ValueError(
-            f"{type(inner).__name__} does not create its slots variable by "
-            "variable, so tf_zero cannot give its whole-variable checkpoints the "
-            "plain optimizer's order. Train it with ZeroOptimizer(partition="
-            "'element') if it is element-wise, or unwrapped. "
-            f"(plain order {plain[:4]}..., per variable {names[:4]}...)")
-    return items
+    """Checkpoint items for the slots of whole variables, in the plain order."""
+    return [OwnedSlot(shards, i, position, spec)
+            for i, specs in enumerate(shards.slot_specs)
+            for position, spec in enumerate(specs)]

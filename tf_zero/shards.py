@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.owners import build_owned
+from tf_zero.owners import build_owned, plain_slot_specs
 from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
 
@@ -47,7 +47,10 @@ class Shards:
         strategy: the strategy the state lives on.
         reduce_dtype: dtype of the reduce-scatter, or None (the bucket's).
         owners: whole-variable partition only: {local rank:
-            `tf_zero.owners.OwnedVariables`}.
+            `tf_zero.owners.OwnedVariables`}, for this worker's replicas.
+        slot_specs: whole-variable partition only: per variable, the name,
+            shape and dtype of each slot its owner keeps, known on every
+            worker (`tf_zero.owners.plain_slot_specs`).
     """
 
     plan: ShardPlan
@@ -58,6 +61,7 @@ class Shards:
     strategy: object
     reduce_dtype: str | None = None
     owners: dict = dataclasses.field(default_factory=dict)
+    slot_specs: tuple = ()
 
     @property
     def whole(self) -> bool:
@@ -110,9 +114,11 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
     if partition == "whole":
         plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes)
+        specs = plain_slot_specs(inner, variables)
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
-                      owners=build_owned(inner, variables, plan, strategy))
+                      owners=build_owned(inner, variables, plan, strategy, specs),
+                      slot_specs=specs)
     owned = [is_sharded(v) for v in variables]
     plan = plan_shards([tuple(v.shape) for v in variables], dtypes, n,
                        bucket_size_bytes, alone=owned)
