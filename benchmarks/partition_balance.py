@@ -14,7 +14,8 @@ published configurations; nothing is built or downloaded) at N = 2, 4, 8, 16:
 * adafactor / muon state: the busiest replica's optimizer-state bytes over the
   ideal, with the plan ZeroOptimizer makes for that optimizer: owners chosen
   for both loads (`plan_owners(costs=...)`, the state measured by
-  `tf_zero.owners.state_bytes`), and the variables Muon updates with its
+  `tf_zero.owners.state_bytes` of the slots an optimizer builds on
+  stand-ins in a graph of their own), and the variables Muon updates with its
   element-wise AdamW (embeddings, vectors) spread in runs (`split=...`).
 
     python benchmarks/partition_balance.py [--bucket-mib 8]
@@ -60,7 +61,7 @@ def stand_ins(shapes):
     out = []
     for i, shape in enumerate(shapes):
         name = "embeddings" if i < EMBEDDINGS else f"w{i}"
-        out.append(SimpleNamespace(shape=shape, dtype="float32", name=name,
+        out.append(SimpleNamespace(shape=shape, dtype="float32", name=name, trainable=True,
                                    path=f"model/layer_{i}/{name}"))
     return out
 
@@ -72,7 +73,7 @@ def main():
     import keras
     import numpy as np
 
-    from tf_zero.owners import state_bytes
+    from tf_zero.owners import plain_slot_specs, state_bytes
     from tf_zero.plan import plan_owners
     from tf_zero.support import split_variables
 
@@ -89,7 +90,8 @@ def main():
         sizes = [int(np.prod(s)) for s in shapes]
         total = sum(sizes)
         variables = stand_ins(shapes)
-        costs = {k: state_bytes([opt] * len(shapes), variables) for k, opt in optimizers.items()}
+        costs = {k: state_bytes(plain_slot_specs([opt] * len(shapes), variables))
+                 for k, opt in optimizers.items()}
         splits = {k: split_variables(opt, [opt] * len(shapes), variables)
                   for k, opt in optimizers.items()}
         for n in args.replicas:

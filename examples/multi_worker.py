@@ -11,6 +11,9 @@ Options:
     --configs adam:2 sgd:1 ...   optimizer:stage[:accumulation][:f16] to train in turn
     --epochs E --backup DIR      epochs; backup directory (resume on relaunch)
     --out DIR                    write each worker's final weights there (npz)
+    --save DIR                   save the final model and optimizer there, as CONFIG.weights.h5
+                                 and a tf.train.Checkpoint CONFIG/ckpt (every worker joins)
+    --save-configs adam:2 ...    only these configs (default: all)
     --timeout S                  collective timeout (a dead peer becomes an error)
     --crash-worker I --crash-epoch E   SIGKILL worker I when epoch E begins (tests)
 """
@@ -18,7 +21,10 @@ Options:
 import argparse
 import json
 import os
+import shutil
 import signal
+import tempfile
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,7 +36,11 @@ import tf_zero  # noqa: E402
 from tf_zero.callbacks import BackupAndRestore  # noqa: E402
 
 OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
-              "adam": lambda: keras.optimizers.Adam(0.01)}
+              "adam": lambda: keras.optimizers.Adam(0.01),
+              # Partitioned by whole variables: each variable's state on one replica.
+              "lamb": lambda: keras.optimizers.Lamb(0.01),
+              "adafactor": lambda: keras.optimizers.Adafactor(0.01),
+              "muon": lambda: keras.optimizers.Muon(0.01)}
 
 
 def make_model():
@@ -66,6 +76,25 @@ def build(strategy, config):
     return model
 
 
+def save(model, strategy, directory, name):
+    """Every worker saves (the optimizer's slots are gathered); one file is written.
+
+    `model.save_weights` publishes one file under several workers by itself
+    (tf_zero.saving); a `tf.train.Checkpoint` follows TensorFlow's rule: the
+    chief writes it, the other workers write to a scratch directory.
+    """
+    model.save_weights(os.path.join(directory, f"{name}.weights.h5"))
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    if strategy.extended.should_checkpoint:
+        checkpoint.write(os.path.join(directory, name, "ckpt"))
+    else:
+        scratch = tempfile.mkdtemp()
+        try:
+            checkpoint.write(os.path.join(scratch, "ckpt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 class CrashAt(keras.callbacks.Callback):
     def __init__(self, worker, epoch):
         super().__init__()
@@ -83,6 +112,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--backup", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--save-configs", nargs="+", default=None)
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--crash-worker", type=int, default=None)
     parser.add_argument("--crash-epoch", type=int, default=None)
@@ -110,6 +141,11 @@ def main():
             os.makedirs(args.out, exist_ok=True)
             np.savez(os.path.join(args.out, f"{text.replace(':', '_')}.worker{task}.npz"),
                      *model.get_weights())
+        if args.save and (args.save_configs is None or text in args.save_configs):
+            os.makedirs(args.save, exist_ok=True)
+            start = time.monotonic()
+            save(model, strategy, args.save, text.replace(":", "_"))
+            print(f"worker {task}: {text} saved in {time.monotonic() - start:.1f}s", flush=True)
         keras.mixed_precision.set_global_policy("float32")
 
 

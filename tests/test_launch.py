@@ -1,14 +1,17 @@
 """Multi-worker runs: the launcher, parity with one process, a killed worker."""
 
+import functools
 import os
 import re
 import subprocess
 import sys
 import time
 
+import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import zero_strategy
 from worker_procs import run_workers
 
@@ -17,7 +20,11 @@ EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "multi_worker.py")
 sys.path.insert(0, os.path.dirname(EXAMPLE))
 import multi_worker as example  # noqa: E402  (examples/multi_worker.py)
 
-CONFIGS = ["sgd:1", "sgd:2", "adam:1", "adam:2", "adam:2:2", "adam:1:1:f16"]
+# Lamb, Adafactor and Muon: the whole-variable partition (each variable's
+# state on one replica, half of them on the other worker).
+CONFIGS = ["sgd:1", "sgd:2", "adam:1", "adam:2", "adam:2:2", "adam:1:1:f16",
+           "lamb:2", "adafactor:1", "muon:2:2"]
+SAVED = ["lamb:2", "adafactor:1"]  # also saved at the end (--save)
 
 
 def launch(args, timeout=300):
@@ -35,14 +42,28 @@ def assert_all_stopped(pids):
             os.kill(pid, 0)
 
 
-def one_process(config, epochs):
-    """The same training in this process: 1 worker x 4 replicas."""
-    model = example.build(zero_strategy(4), example.parse_config(config))
+def one_process_model(config, epochs, n=4, restore=None):
+    """The same training in this process: 1 worker x `n` replicas.
+
+    `restore`: a `.weights.h5` file or a `tf.train.Checkpoint` prefix to
+    start from.
+    """
+    model = example.build(zero_strategy(n), example.parse_config(config))
     try:
+        if restore is not None and restore.endswith(".weights.h5"):
+            model.load_weights(restore)
+        elif restore is not None:
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
+                restore).assert_existing_objects_matched()
         model.fit(example.make_dataset(), epochs=epochs, verbose=0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    return model.get_weights()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def one_process(config, epochs):
+    return one_process_model(config, epochs).get_weights()
 
 
 def load(out, config, worker):
@@ -50,22 +71,67 @@ def load(out, config, worker):
     return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
-def test_two_workers_match_one_process(tmp_path):
-    """2 workers x 2 logical CPUs reach one process's weights (4 replicas)."""
+def h5_arrays(path):
+    """{"optimizer/vars/3": array, ...}: every dataset of a .weights.h5 file."""
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                     if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """One 2 workers x 2 logical CPUs run of CONFIGS (one launch: ~60 s of start-up)."""
+    out = tmp_path_factory.mktemp("two_workers")
     start = time.monotonic()
-    status, out, pids = launch(["--workers", "2", "--devices-per-worker", "2", "--timeout", "280",
-                                EXAMPLE, "--epochs", "2", "--out", str(tmp_path),
-                                "--configs", *CONFIGS])
-    assert status == 0, out[-4000:]
-    assert "[worker 1] worker 1: 4 replicas in sync" in out
+    status, log, pids = launch(["--workers", "2", "--devices-per-worker", "2", "--timeout", "400",
+                                EXAMPLE, "--epochs", "2", "--out", str(out / "out"),
+                                "--save", str(out / "saved"), "--save-configs", *SAVED,
+                                "--configs", *CONFIGS], timeout=450)
+    assert status == 0, log[-4000:]
+    assert "[worker 1] worker 1: 4 replicas in sync" in log
     assert_all_stopped(pids)
     print(f"2x2 multi-worker run of {len(CONFIGS)} configs: {time.monotonic() - start:.1f}s")
-    for config in CONFIGS:
-        w0, w1 = load(tmp_path, config, 0), load(tmp_path, config, 1)
-        reference = one_process(config, epochs=2)
-        for a, b, ref in zip(w0, w1, reference):
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_allclose(a, ref, atol=1e-6, err_msg=config)
+    return out
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_two_workers_match_one_process(two_workers, config):
+    """2 workers x 2 logical CPUs reach one process's weights (4 replicas)."""
+    w0, w1 = load(two_workers / "out", config, 0), load(two_workers / "out", config, 1)
+    reference = one_process(config, epochs=2)
+    for a, b, ref in zip(w0, w1, reference):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, ref, atol=1e-6, err_msg=config)
+
+
+@pytest.mark.parametrize("config", SAVED)
+def test_whole_partition_saves_every_slot_across_workers(two_workers, config, tmp_path):
+    """Each worker owns half the slots; the file holds all, as one process saves them."""
+    name = config.replace(":", "_")
+    saved = h5_arrays(two_workers / "saved" / f"{name}.weights.h5")
+    one_process_model(config, epochs=2).save_weights(str(tmp_path / "ref.weights.h5"))
+    reference = h5_arrays(tmp_path / "ref.weights.h5")
+    assert sorted(saved) == sorted(reference)
+    assert sum(k.startswith("optimizer/vars/") for k in saved) > 2  # step, rate and slots
+    for key, ref in reference.items():
+        np.testing.assert_allclose(saved[key], ref, atol=1e-6, err_msg=key)
+
+
+RESUMES = [("lamb:2", 4, "ckpt"), ("lamb:2", 2, "weights.h5"),
+           ("adafactor:1", 2, "ckpt"), ("adafactor:1", 4, "weights.h5")]
+
+
+@pytest.mark.parametrize("config, n, kind", RESUMES)
+def test_whole_partition_resumes_in_one_process(two_workers, config, n, kind):
+    """Saved on 2 workers after 2 epochs, one more epoch here == 3 uninterrupted."""
+    name = config.replace(":", "_")
+    saved = two_workers / "saved" / (f"{name}/ckpt" if kind == "ckpt" else f"{name}.{kind}")
+    model = one_process_model(config, epochs=1, n=n, restore=str(saved))
+    assert int(model.optimizer.iterations.numpy()) == 3 * 4
+    for got, ref in zip(model.get_weights(), one_process(config, epochs=3)):
+        np.testing.assert_allclose(got, ref, atol=1e-6, err_msg=f"{config} at {n}")
 
 
 def test_stage3_two_workers_match_one_process(tmp_path):

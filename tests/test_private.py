@@ -139,3 +139,12 @@ def test_plain_variables_on_one_replica_and_keras_views():
     assert [float(c.numpy()[0, 0]) for c in _private.components(mirrored)] == [1.0, 5.0]
     assert _private.is_composite_tensor(tf.sparse.from_dense([[0.0, 1.0]]))
     assert not _private.is_composite_tensor(tf.zeros([2]))
+
+
+def test_stand_ins_in_a_graph_allocate_nothing():
+    like = keras.Variable(np.ones((3, 5), np.float32), name="kernel")
+    with tf.Graph().as_default() as graph:
+        stand_in = _private.stand_in(like)
+        assert stand_in.path == like.path and stand_in.name == like.name
+        assert tuple(stand_in.shape) == (3, 5) and stand_in.dtype == like.dtype
+        assert not tf.executing_eagerly() and stand_in.value.graph is graph

@@ -6,7 +6,7 @@ import pytest
 from conftest import zero_strategy
 
 import tf_zero
-from tf_zero.owners import state_bytes
+from tf_zero.owners import plain_slot_specs, state_bytes
 from tf_zero.plan import plan_owners
 
 
@@ -16,10 +16,11 @@ def test_state_bytes_are_the_plain_optimizers_without_building_it():
     for opt in (keras.optimizers.Adafactor(), keras.optimizers.Muon(), keras.optimizers.Lamb()):
         plain = type(opt).from_config(opt.get_config())
         plain.build(variables)
-        got = state_bytes([opt] * len(variables), variables)
+        got = state_bytes(plain_slot_specs([opt] * len(variables), variables))
         assert sum(got) == sum(4 * int(np.prod(v.shape)) for v in plain.variables[2:])
     # Adafactor: a full velocity plus one row and one column per matrix.
-    assert state_bytes([keras.optimizers.Adafactor()], variables[:1]) == [4 * (60 + 6 + 10)]
+    adafactor = plain_slot_specs([keras.optimizers.Adafactor()], variables[:1])
+    assert state_bytes(adafactor) == [4 * (60 + 6 + 10)]
 
 
 def test_costs_balance_the_state_where_sizes_alone_do_not():

@@ -142,14 +142,15 @@ def memory_report(optimizer, model=None) -> MemoryReport:
                 for slot in slots:
                     for c in _private.components(slot):
                         _add(acc, c.device, "slots", _nbytes(c))
-                    unsharded_slots += _nbytes(_private.tf_variable(slot))
             for run in owned.runs.values():  # split variables: a run on each replica
                 weight = _private.tf_variable(run.weight)
                 _add(acc, weight.device, "weight_shards", _nbytes(weight))
                 for slot in run.slots:
                     slot = _private.tf_variable(slot)
                     _add(acc, slot.device, "slots", _nbytes(slot))
-                    unsharded_slots += _nbytes(slot)
+        unsharded_slots += sum(  # every variable's, also those other workers own
+            int(tf.TensorShape(spec.shape).num_elements()) * spec.dtype.size
+            for specs in shards.slot_specs for spec in specs)
         unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
     else:
         stage = 0

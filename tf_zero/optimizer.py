@@ -245,7 +245,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
         else:
             self._inner = inner = inner_in_scope(self._inner, strategy)
             if self._partition == "whole":
-                support.check_whole_partition(inner, config, strategy, self._model_variables)
+                support.check_whole_partition(inner, config, self._model_variables)
             support.check_stage3(config, strategy, self._model_variables,
                                  [inner, *(inner.optimizers if support.is_multi(inner) else ())])
             self._shards = build_shards(inner, self._model_variables, strategy,

@@ -12,21 +12,114 @@ Each owned variable gets an optimizer of its own, a copy of the inner
 optimizer (under a MultiOptimizer: of the optimizer its map picks) from its
 config that counts steps in that optimizer's `iterations`, built on a view
 of the owner's copy of the weight (same name and path as the model's
-variable, so slot names and Muon's path rules are the plain optimizer's). Its slots are plain variables on the owner's device:
-no other replica holds them.
+variable, so slot names and Muon's path rules are the plain optimizer's).
+Its slots are plain variables on the owner's device: no other replica holds
+them. (Variables updated element by element may instead be spread in runs
+over the replicas: `tf_zero.runs`.)
+
+Every worker still knows every slot's name, shape and dtype, in the plain
+optimizer's order (`plain_slot_specs`: copies of the optimizer built on
+stand-ins in a graph of their own, so nothing is allocated and no worker has
+to ask another), which is what the checkpoint face needs: a checkpoint holds
+all of them, whichever worker owns them (`OwnedSlot`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.runs import RunSlot, build_runs
 from tf_zero.slot_face import SlotFace
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSpec:
+    """What every worker knows of a slot, wherever it lives.
+
+    Attributes:
+        name: the slot's name (the plain optimizer's).
+        shape: its shape.
+        dtype: its dtype.
+    """
+
+    name: str
+    shape: tuple
+    dtype: tf.DType
+
+    @classmethod
+    def of(cls, variable) -> "SlotSpec":
+        return cls(variable.name, tuple(variable.shape), tf.as_dtype(variable.dtype))
+
+
+def plain_slot_specs(templates, variables) -> tuple:
+    """Per variable, the slots a plain optimizer would create for it, in order.
+
+    A plain optimizer built on the model creates its slots variable by
+    variable (Lamb, Adafactor and Muon all do; with `use_ema`, after every
+    variable's moving average), so a copy of it built on one variable creates
+    exactly that variable's slots (Adafactor's factored moments have shapes
+    derived from the variable's; Muon chooses its slots by path and shape).
+    Both are built here on stand-ins of the variables' names, paths, shapes
+    and dtypes in a graph of their own: nothing is allocated, and every
+    worker computes the same answer, including for variables other workers
+    own, without communicating.
+
+    Args:
+        templates: per variable, the optimizer that updates it (the inner
+            optimizer, or a MultiOptimizer's pick).
+        variables: the model variables.
+
+    Returns:
+        A tuple with, for each of `variables`, a tuple of `SlotSpec`s.
+
+    Raises:
+        ValueError: a plain optimizer orders its slots otherwise.
+    """
+    configs = {id(t): t.get_config() for t in templates}  # eagerly: reads the learning rate
+
+    def slots_of(template, var_list):
+        optimizer = type(template).from_config(configs[id(template)])
+        before = len(optimizer.variables)
+        optimizer.build(var_list)
+        return [SlotSpec.of(v) for v in optimizer.variables[before:]]
+
+    with tf.Graph().as_default(), _private.keras_tracking():
+        stand_ins = [_private.stand_in(v) for v in variables]
+        per_variable = tuple(tuple(slots_of(t, [v])) for t, v in zip(templates, stand_ins))
+        for template in {id(t): t for t in templates}.values():
+            mine = [i for i, t in enumerate(templates) if t is template]
+            plain = slots_of(template, [stand_ins[i] for i in mine])
+            joined = [spec for _, spec in plain_order(template, [per_variable[i] for i in mine])]
+            if plain != joined:
+                raise ValueError(
+                    f"{type(template).__name__} does not create its slots variable by "
+                    "variable, so tf_zero cannot give its whole-variable checkpoints the "
+                    "plain optimizer's order. Train it with ZeroOptimizer(partition="
+                    "'element') if it is element-wise, or unwrapped. "
+                    f"(plain order {[s.name for s in plain[:4]]}..., per variable "
+                    f"{[s.name for s in joined[:4]]}...)")
+    return per_variable
+
+
+def plain_order(template, per_variable) -> list:
+    """((k, position), item) for every item of `per_variable`, in the plain
+    optimizer's order.
+
+    `per_variable[k]` lists variable k's slots (or their faces) in the
+    creation order of an optimizer built on it alone; with `use_ema` the plain
+    optimizer creates every variable's average first, then the other slots
+    variable by variable.
+    """
+    lead = 1 if template.use_ema else 0
+    first = [((k, p), s) for k, slots in enumerate(per_variable)
+             for p, s in enumerate(slots[:lead])]
+    rest = [((k, p + lead), s) for k, slots in enumerate(per_variable)
+            for p, s in enumerate(slots[lead:])]
+    return first + rest
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,12 +149,17 @@ class OwnedVariables:
         return self.slot_lists[index]
 
 
-def build_owned(templates, variables, plan, strategy) -> dict:
+def build_owned(templates, variables, plan, strategy, slot_specs) -> dict:
     """{rank: OwnedVariables} for the replicas of this worker.
 
-    `templates` gives, per variable, the optimizer whose config and step
-    counter its owner's copy takes (`tf_zero.support.variable_optimizers`).
-    Runs in cross-replica context under `strategy.scope()`.
+    Runs in cross-replica context under `strategy.scope()`. Variables owned
+    by another worker's replicas get nothing here.
+
+    Args:
+        templates: per variable, the optimizer whose config and step counter
+            its owner's copy takes (`tf_zero.support.variable_optimizers`).
+        slot_specs: `plain_slot_specs(templates, variables)`; each optimizer
+            built here on a whole variable must create what it says.
     """
     ranks = _private.local_replica_ranks(strategy)
     owned = {}
@@ -84,137 +182,115 @@ def build_owned(templates, variables, plan, strategy) -> dict:
                     opt.build([views[i]])
             optimizers[i] = opt
             slot_lists[i] = opt.variables[before:]
+            built = [SlotSpec.of(v) for v in slot_lists[i]]
+            if built != list(slot_specs[i]):
+                raise ValueError(
+                    f"{type(template).__name__} created the slots {built} for {var.path} "
+                    f"on its owner but {list(slot_specs[i])} on a stand-in of it; "
+                    "tf_zero cannot checkpoint its whole-variable state. Train it "
+                    "unwrapped.")
         owned[rank] = OwnedVariables(rank, device, views, optimizers, slot_lists,
                                      build_runs(templates, variables, plan, rank, device))
     return owned
 
 
-# Distinct dimensions for the stand-ins of `state_bytes`: a slot's shape then
-# says which of its variable's axes it keeps.
-_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+def state_bytes(slot_specs) -> list:
+    """Bytes of optimizer state each variable's optimizer keeps for it.
 
-
-def state_bytes(templates, variables) -> list:
-    """Bytes of optimizer state each variable's optimizer would keep for it.
-
-    A copy of the variable's optimizer is built on a tiny stand-in of the same
-    name, path and rank, each axis a distinct prime long; every slot's shape
-    then names the axes it keeps (Adafactor's factored rows and columns,
-    Muon's momentum, a scalar placeholder), and its size at the real shape
-    follows without allocating it. Deterministic: every worker gets the same.
-
-    Args:
-        templates: per variable, the optimizer that updates it.
-        variables: the model variables (or anything with `shape`, `dtype`,
-            `name` and `path`).
+    From `plain_slot_specs`: exact shapes (Adafactor's factored rows and
+    columns, Muon's one or two moments), nothing allocated.
     """
-    costs = []
-    for template, var in zip(templates, variables):
-        shape = tuple(int(d) for d in var.shape)
-        if len(shape) > len(_PRIMES):
-            costs.append(2 * int(np.prod(shape)) * tf.as_dtype(var.dtype).size)
-            continue
-        axis = {p: a for a, p in enumerate(_PRIMES[:len(shape)])}
-        proxy = keras.Variable(np.zeros(_PRIMES[:len(shape)], np.float32), name=var.name,
-                               trainable=False, dtype=var.dtype)
-        view = _private.keras_view(_private.tf_variable(proxy), like=var)
-        with _private.keras_tracking():
-            probe = type(template).from_config(template.get_config())
-            before = len(probe.variables)
-            probe.build([view])
-        total = 0
-        for slot in probe.variables[before:]:
-            dims = [shape[axis[d]] if d in axis else d for d in slot.shape]
-            total += int(np.prod(dims, dtype=np.int64)) * tf.as_dtype(slot.dtype).size
-        costs.append(total)
-    return costs
+    return [sum(int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.size for spec in specs)
+            for specs in slot_specs]
 
 
 class OwnedSlot(SlotFace):
     """Checkpoint face of one slot of a variable owned whole by one replica.
 
-    The slot lives only on the owner (`tf_zero.owners`); saving reads it
-    there, restoring writes it there. At another replica count the owner
-    changes, and the value lands on the new one.
+    The slot lives only on the owner (`tf_zero.owners`). On one worker,
+    saving reads it there. Across workers, saving is collective: every
+    worker's save reads every slot, so each one gathers from all replicas a
+    value that is the slot on its owner and empty on every other replica
+    (every worker makes the same gathers in the same order, as it saves the
+    same items). Restoring writes the slot where its owner is local and does
+    nothing on other workers. At another replica count the owner changes, and
+    the value lands on the new one.
 
     Args:
         shards: the sharded optimizer state (`partition == "whole"`).
         variable_index: index of the model variable.
         position: the slot's position among that variable's slots.
-        slot: the slot variable itself (on its owner).
+        spec: the slot's `SlotSpec`.
     """
 
-    def __init__(self, shards, variable_index, position, slot):
+    def __init__(self, shards, variable_index, position, spec):
         self._shards = shards
         self._index = variable_index
         self._position = position
-        self.name = slot.name
-        self.shape = tuple(slot.shape)
-        self.dtype = tf.as_dtype(slot.dtype)
+        self.name = spec.name
+        self.shape = tuple(spec.shape)
+        self.dtype = tf.as_dtype(spec.dtype)
+        self._gather = None
 
-    def _slot(self):
-        owned = self._shards.owners[self._shards.plan.owner(self._index)]
-        return owned.slots(self._index)[self._position]
+    def _owner(self) -> int:
+        return self._shards.plan.owner(self._index)
+
+    def _local_slot(self):
+        """The slot variable, or None where its owner is on another worker."""
+        owned = self._shards.owners.get(self._owner())
+        return None if owned is None else owned.slots(self._index)[self._position]
 
     def value(self) -> tf.Tensor:
+        strategy = self._shards.strategy
+        if not _private.in_multi_worker_mode(strategy):
+            with tf.device("/cpu:0"):
+                return tf.identity(self._local_slot().value)
+        if self._gather is None:
+            # Traced once (an eager gather traces a function of its own each
+            # time, about half a second): later saves only run it.
+            owner, slot = self._owner(), self._local_slot()
+            self._gather = tf.function(
+                lambda: gather_from_owner(strategy, owner, slot, self.dtype), autograph=False)
+        flat = self._gather()
         with tf.device("/cpu:0"):
-            return tf.identity(self._slot().value)
+            return tf.reshape(flat, self.shape)
 
     def _write(self, value):
-        self._slot().assign(tf.cast(value, self.dtype))
+        slot = self._local_slot()
+        if slot is not None:
+            slot.assign(tf.cast(value, self.dtype))
+
+
+def gather_from_owner(strategy, owner: int, variable, dtype) -> tf.Tensor:
+    """Replica `owner`'s `variable`, flattened, on every worker (collective).
+
+    Every worker must call this with the same `owner`; `variable` is the
+    variable on the worker that holds replica `owner`, None elsewhere. The
+    other replicas contribute an empty tensor, which `strategy.gather` pads
+    to the owner's size on the wire (so N copies of the slot move: saves
+    are rare, and the result is the owner's value bit for bit).
+    """
+
+    def part(ctx):
+        if ctx.replica_id_in_sync_group == owner and variable is not None:
+            return tf.reshape(variable.value, [-1])
+        return tf.zeros([0], dtype)
+
+    return strategy.gather(strategy.experimental_distribute_values_from_function(part), axis=0)
 
 
 def owned_slots(inner, shards, indices=None) -> list:
     """Checkpoint items for the slots of whole variables, in the plain order.
 
-    A plain optimizer built on the model would create its slots variable by
-    variable (Lamb, Adafactor and Muon all do), so its order is each
-    variable's slots in turn (after every variable's moving average, with
-    `use_ema`). That is checked against a plain copy of the
-    optimizer built on tiny stand-ins of the same names, paths and ranks.
-
     Args:
         inner: the optimizer that updates the variables `indices`.
         shards: the sharded state (`partition == "whole"`).
         indices: the variables `inner` updates; default: all of them.
-
-    Raises:
-        ValueError: the plain optimizer orders its slots otherwise.
     """
-    indices = range(len(shards.variables)) if indices is None else indices
-    per_variable = []
+    indices = list(range(len(shards.variables)) if indices is None else indices)
+    faces = []
     for i in indices:
-        if shards.plan.is_split(i):  # spread over several replicas' runs
-            first = min((o.runs[i] for o in shards.owners.values() if i in o.runs),
-                        key=lambda run: run.start)
-            per_variable.append([
-                RunSlot(shards, i, position, slot.name,
-                        shards.variables[i].shape if len(slot.shape) else (), slot.dtype)
-                for position, slot in enumerate(first.slots)])
-            continue
-        owned = shards.owners[shards.plan.owner(i)]
-        per_variable.append([OwnedSlot(shards, i, position, slot)
-                             for position, slot in enumerate(owned.slots(i))])
-    # With use_ema the base optimizer creates every variable's average first.
-    lead = 1 if inner.use_ema else 0
-    items = [s for slots in per_variable for s in slots[:lead]]
-    items += [s for slots in per_variable for s in slots[lead:]]
-    names = [item.name for item in items]
-    proxies = []
-    for v in (shards.variables[i] for i in indices):
-        proxy = keras.Variable(np.zeros((1,) * len(v.shape), np.float32), name=v.name,
-                               trainable=False)
-        proxies.append(_private.keras_view(_private.tf_variable(proxy), like=v))
-    with _private.keras_tracking():
-        probe = type(inner).from_config(inner.get_config())
-        before = len(probe.variables)
-        probe.build(proxies)
-    plain = [v.name for v in probe.variables[before:]]
-    if plain != names:
-        raise ValueError(
-            f"{type(inner).__name__} does not create its slots variable by "
-            "variable, so tf_zero cannot give its whole-variable checkpoints the "
-            "plain optimizer's order. Train it with ZeroOptimizer(partition="
-            "'element') if it is element-wise, or unwrapped. "
-            f"(plain order {plain[:4]}..., per variable {names[:4]}...)")
-    return items
+        face = RunSlot if shards.plan.is_split(i) else OwnedSlot  # runs, or one owner
+        faces.append([face(shards, i, position, spec)
+                      for position, spec in enumerate(shards.slot_specs[i])])
+    return [item for _, item in plain_order(inner, faces)]

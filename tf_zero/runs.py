@@ -96,16 +96,16 @@ class RunSlot(SlotFace):
         shards: the sharded state (`partition == "whole"`).
         variable_index: index of the model variable.
         position: the slot's position among each run's slots.
-        name, shape, dtype: the plain optimizer's slot.
+        spec: the plain optimizer's slot (`tf_zero.owners.SlotSpec`).
     """
 
-    def __init__(self, shards, variable_index, position, name, shape, dtype):
+    def __init__(self, shards, variable_index, position, spec):
         self._shards = shards
         self._index = variable_index
         self._position = position
-        self.name = name
-        self.shape = tuple(shape)
-        self.dtype = tf.as_dtype(dtype)
+        self.name = spec.name
+        self.shape = tuple(spec.shape)
+        self.dtype = tf.as_dtype(spec.dtype)
 
     def _runs(self):
         runs = [owned.runs[self._index] for owned in self._shards.owners.values()

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.owners import build_owned, state_bytes
+from tf_zero.owners import build_owned, plain_slot_specs, state_bytes
 from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
 from tf_zero.support import is_multi, split_variables, variable_optimizers
@@ -48,10 +48,13 @@ class Shards:
         strategy: the strategy the state lives on.
         reduce_dtype: dtype of the reduce-scatter, or None (the bucket's).
         owners: whole-variable partition only: {local rank:
-            `tf_zero.owners.OwnedVariables`}.
+            `tf_zero.owners.OwnedVariables`}, for this worker's replicas.
         optimizers: whole-variable partition only: per variable, the
             optimizer whose math and settings update it (the inner
             optimizer, or the one a MultiOptimizer picks).
+        slot_specs: whole-variable partition only: per variable, the name,
+            shape and dtype of each slot its optimizer keeps for it, known on
+            every worker (`tf_zero.owners.plain_slot_specs`).
     """
 
     plan: ShardPlan
@@ -63,6 +66,7 @@ class Shards:
     reduce_dtype: str | None = None
     owners: dict = dataclasses.field(default_factory=dict)
     optimizers: tuple = ()
+    slot_specs: tuple = ()
 
     @property
     def whole(self) -> bool:
@@ -122,16 +126,17 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
     if partition == "whole":
         optimizers = variable_optimizers(inner, variables)
+        specs = plain_slot_specs(optimizers, variables)
         # Runs of split variables live on one worker's replicas (RunSlot reads
         # them locally): across workers every variable stays whole.
         split = (split_variables(inner, optimizers, variables)
                  if _private.worker_count(strategy) == 1 else None)
         plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes,
-                           costs=state_bytes(optimizers, variables), split=split)
+                           costs=state_bytes(specs), split=split)
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
-                      owners=build_owned(optimizers, variables, plan, strategy),
-                      optimizers=optimizers)
+                      owners=build_owned(optimizers, variables, plan, strategy, specs),
+                      optimizers=optimizers, slot_specs=specs)
     owned = [is_sharded(v) for v in variables]
     plan = plan_shards([tuple(v.shape) for v in variables], dtypes, n,
                        bucket_size_bytes, alone=owned)

@@ -126,12 +126,12 @@ def check_supported(inner):
             "inner, steps=k) instead, and remove it from the inner optimizer.")
 
 
-def check_whole_partition(inner, config, strategy, variables):
-    """The whole-variable partition runs at stages 1 and 2, on one worker.
+def check_whole_partition(inner, config, variables):
+    """The whole-variable partition runs at stages 1 and 2, on any number of workers.
 
     Raises:
         ValueError: stage 3 or stage-3 weights (their storage is split
-            element-wise), or several workers.
+            element-wise), or two trainable variables with the same path.
     """
     if config.stage == 3 or any(is_sharded(v) for v in variables):
         raise ValueError(
@@ -139,12 +139,6 @@ def check_whole_partition(inner, config, strategy, variables):
             "splits across replicas. Train it at stage 2 (ZeroStrategy(stage=2), "
             "ZeroOptimizer(..., stage=2)): its slots are still partitioned, each "
             "variable's on one replica.")
-    if _private.worker_count(strategy) > 1:
-        raise ValueError(
-            f"ZeroOptimizer's whole-variable partition ({type(inner).__name__}) "
-            "runs on one worker (any number of local replicas) in this version. "
-            "Use an element-wise optimizer (AdamW, Lion, ...) across workers, or "
-            "one worker with several devices.")
     names = [v.path for v in variables]
     if len(set(names)) != len(names):
         raise ValueError(

@@ -61,7 +61,7 @@ from tf_zero._private.keras_layers import (  # noqa: E402
 from tf_zero._private.keras_optimizer import (  # noqa: E402
     VARIABLE_VALUE_KEY, Trackable, accumulated_gradients, clip_gradients, iterations_variable,
     learning_rate_variable, mark_local_update, multi_optimizer_choices, muon_uses_adamw,
-    keras_view, share_iterations,
+    keras_view, share_iterations, stand_in,
     detach_from_strategy, keras_tracking, without_keras_tracking, register_keras_saving_skiplist,
     trackable_children, trained_variables, update_step, uses_weight_decay)
 from tf_zero._private.keras_training import (  # noqa: E402

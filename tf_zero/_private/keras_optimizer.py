@@ -143,6 +143,19 @@ def keras_view(tf_variable, like=None, name=None, **kwargs):
     return view
 
 
+def stand_in(like):
+    """A zero-filled `keras.Variable` with `like`'s name, path, shape and dtype.
+
+    Created in the current graph: inside `tf.Graph().as_default()` nothing is
+    allocated, which is how every worker learns the shapes of slots it does
+    not keep.
+    """
+    variable = keras.Variable(initializer="zeros", shape=tuple(like.shape),
+                              dtype=like.dtype, name=like.name, trainable=like.trainable)
+    variable._path = like.path
+    return variable
+
+
 def share_iterations(optimizer, iterations) -> None:
     """Makes `optimizer` count its steps in another optimizer's `iterations`."""
     optimizer._iterations = iterations
