@@ -37,6 +37,18 @@ def test_step_time_quick(tmp_path):
     out = run("step_time.py", "--params", "1e5", "--replicas", "2", "--epochs", "2",
               "--steps", "3", "--plot", str(tmp_path / "s.png"))
     assert "stage2: median step" in out and "stage3: median step" in out
+    assert "CPU allocator: BFC" in out  # set by benchmarks/_common.py unless chosen
+    ops = [int(line.split("traced ops")[1].replace(",", "")) for line in out.splitlines()
+           if "traced ops" in line]
+    assert len(ops) == 4 and min(ops) > 0
+
+
+def test_memory_whole_quick():
+    out = run("memory.py", "--whole", "--replicas", "2", "--layers", "2", "--hidden-dim", "64",
+              "--vocab", "256")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["adafactor"],
+                                                                              ["muon"])]
+    assert len(rows) == 2 and all(float(r[5]) < 1.1 for r in rows)  # x ideal
 
 
 def test_depth_peak_quick():
