@@ -157,10 +157,10 @@ def test_checkpoints_resume_at_other_replica_counts_and_in_plain_keras(tmp_path)
 def test_bad_settings_name_the_fix():
     with pytest.raises(ValueError, match="partition='whole'"):
         tf_zero.ZeroOptimizer(muon_and_adamw(), partition="element")
-    ema = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
-        keras.optimizers.Adam(use_ema=True)))
-    with pytest.raises(ValueError, match="use_ema"):
-        tf_zero.ZeroOptimizer(ema)
+    accumulating = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
+        keras.optimizers.Adam(gradient_accumulation_steps=2)))
+    with pytest.raises(ValueError, match="GradientAccumulationOptimizer"):
+        tf_zero.ZeroOptimizer(accumulating)
 
 
 def test_map_that_creates_optimizers_on_demand():
