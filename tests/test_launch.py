@@ -24,7 +24,9 @@ import multi_worker as example  # noqa: E402  (examples/multi_worker.py)
 # state on one replica, half of them on the other worker).
 CONFIGS = ["sgd:1", "sgd:2", "adam:1", "adam:2", "adam:2:2", "adam:1:1:f16",
            "lamb:2", "adafactor:1", "muon:2:2"]
-SAVED = ["lamb:2", "adafactor:1"]  # also saved at the end (--save)
+# Also saved at the end (--save); Muon's biases (its AdamW) are spread in runs
+# over the replicas of both workers.
+SAVED = ["lamb:2", "adafactor:1", "muon:2:2"]
 
 
 def launch(args, timeout=300):
@@ -120,7 +122,8 @@ def test_whole_partition_saves_every_slot_across_workers(two_workers, config, tm
 
 
 RESUMES = [("lamb:2", 4, "ckpt"), ("lamb:2", 2, "weights.h5"),
-           ("adafactor:1", 2, "ckpt"), ("adafactor:1", 4, "weights.h5")]
+           ("adafactor:1", 2, "ckpt"), ("adafactor:1", 4, "weights.h5"),
+           ("muon:2:2", 3, "ckpt")]
 
 
 @pytest.mark.parametrize("config, n, kind", RESUMES)
@@ -129,7 +132,8 @@ def test_whole_partition_resumes_in_one_process(two_workers, config, n, kind):
     name = config.replace(":", "_")
     saved = two_workers / "saved" / (f"{name}/ckpt" if kind == "ckpt" else f"{name}.{kind}")
     model = one_process_model(config, epochs=1, n=n, restore=str(saved))
-    assert int(model.optimizer.iterations.numpy()) == 3 * 4
+    steps = 3 * 4 // example.parse_config(config)["accumulation"]
+    assert int(model.optimizer.iterations.numpy()) == steps
     for got, ref in zip(model.get_weights(), one_process(config, epochs=3)):
         np.testing.assert_allclose(got, ref, atol=1e-6, err_msg=f"{config} at {n}")
 
@@ -230,3 +234,12 @@ def test_launcher_timeout(tmp_path):
 def test_launcher_bad_arguments(args, match):
     status, out, _ = launch(args)
     assert status == 2 and match in out
+
+
+def test_workers_get_the_bfc_cpu_allocator_unless_chosen():
+    from tf_zero.launch import worker_environments
+
+    envs = worker_environments(2, [1, 2], base_env={"PATH": "/bin"})
+    assert [e["TF_CPU_ALLOCATOR_USE_BFC"] for e in envs] == ["true", "true"]
+    chosen = worker_environments(1, [1], base_env={"TF_CPU_ALLOCATOR_USE_BFC": "false"})
+    assert chosen[0]["TF_CPU_ALLOCATOR_USE_BFC"] == "false"

@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.runs import RunSlot, build_runs
-from tf_zero.slot_face import SlotFace
+from tf_zero.runs import RunSlot, build_runs, local_optimizer
+from tf_zero.slot_face import SlotFace, gather_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,16 +172,7 @@ def build_owned(templates, variables, plan, strategy, slot_specs) -> dict:
             component = _private.components(var)[local]
             views[i] = _private.keras_view(component, like=var)
             template = templates[i]
-            with _private.keras_tracking():
-                opt = type(template).from_config(template.get_config())
-                _private.share_iterations(opt, _private.iterations_variable(template))
-                _private.mark_local_update(opt)
-                _private.detach_from_strategy(opt)
-                before = len(opt.variables)
-                with tf.variable_creator_scope(_private.local_variable_creator(device)):
-                    opt.build([views[i]])
-            optimizers[i] = opt
-            slot_lists[i] = opt.variables[before:]
+            optimizers[i], slot_lists[i] = local_optimizer(template, views[i], device)
             built = [SlotSpec.of(v) for v in slot_lists[i]]
             if built != list(slot_specs[i]):
                 raise ValueError(
@@ -249,8 +240,9 @@ class OwnedSlot(SlotFace):
             # Traced once (an eager gather traces a function of its own each
             # time, about half a second): later saves only run it.
             owner, slot = self._owner(), self._local_slot()
+            parts = {owner: slot} if slot is not None else {}
             self._gather = tf.function(
-                lambda: gather_from_owner(strategy, owner, slot, self.dtype), autograph=False)
+                lambda: gather_parts(strategy, parts, self.dtype), autograph=False)
         flat = self._gather()
         with tf.device("/cpu:0"):
             return tf.reshape(flat, self.shape)
@@ -259,24 +251,6 @@ class OwnedSlot(SlotFace):
         slot = self._local_slot()
         if slot is not None:
             slot.assign(tf.cast(value, self.dtype))
-
-
-def gather_from_owner(strategy, owner: int, variable, dtype) -> tf.Tensor:
-    """Replica `owner`'s `variable`, flattened, on every worker (collective).
-
-    Every worker must call this with the same `owner`; `variable` is the
-    variable on the worker that holds replica `owner`, None elsewhere. The
-    other replicas contribute an empty tensor, which `strategy.gather` pads
-    to the owner's size on the wire (so N copies of the slot move: saves
-    are rare, and the result is the owner's value bit for bit).
-    """
-
-    def part(ctx):
-        if ctx.replica_id_in_sync_group == owner and variable is not None:
-            return tf.reshape(variable.value, [-1])
-        return tf.zeros([0], dtype)
-
-    return strategy.gather(strategy.experimental_distribute_values_from_function(part), axis=0)
 
 
 def owned_slots(inner, shards, indices=None) -> list:

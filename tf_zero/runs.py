@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.slot_face import SlotFace
+from tf_zero.slot_face import SlotFace, gather_parts
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,21 +61,34 @@ def build_runs(templates, variables, plan, rank, device) -> dict:
         start, size = plan.run(i, rank)
         if not size:
             continue
-        value = np.asarray(var.numpy()).reshape(-1)[start:start + size]
+        # This worker's own copy (reading the variable itself would be a
+        # collective, and workers build different numbers of runs).
+        value = np.asarray(_private.components(var)[0].numpy()).reshape(-1)[start:start + size]
         with tf.variable_creator_scope(_private.local_variable_creator(device)):
             flat = tf.Variable(value, trainable=False, name=var.name.split(":")[0])
         weight = _private.keras_view(flat, like=var)
-        template = templates[i]
-        with _private.keras_tracking():
-            opt = type(template).from_config(template.get_config())
-            _private.share_iterations(opt, _private.iterations_variable(template))
-            _private.mark_local_update(opt)
-            _private.detach_from_strategy(opt)
-            before = len(opt.variables)
-            with tf.variable_creator_scope(_private.local_variable_creator(device)):
-                opt.build([weight])
-        runs[i] = Run(i, start, size, weight, opt, list(opt.variables[before:]))
+        opt, slots = local_optimizer(templates[i], weight, device)
+        runs[i] = Run(i, start, size, weight, opt, slots)
     return runs
+
+
+def local_optimizer(template, weight, device):
+    """(optimizer, its slots): a copy of `template` built on `weight` alone,
+    every variable of it a plain one on `device`, counting steps in
+    `template.iterations`, updating locally.
+
+    (Plain variables: under a multi-worker strategy a distributed variable's
+    creation is a collective, and each worker builds different copies.)
+    """
+    with _private.keras_tracking(), \
+            tf.variable_creator_scope(_private.local_variable_creator(device)):
+        opt = type(template).from_config(template.get_config())
+        _private.share_iterations(opt, _private.iterations_variable(template))
+        _private.mark_local_update(opt)
+        _private.detach_from_strategy(opt)
+        before = len(opt.variables)
+        opt.build([weight])
+    return opt, list(opt.variables[before:])
 
 
 def refresh(runs: dict, variables) -> None:
@@ -91,6 +104,7 @@ class RunSlot(SlotFace):
     Each replica holding a run of the variable keeps that run of the slot;
     saving concatenates the runs in order, restoring writes each replica its
     run. Scalar slots (the same on every run) are read from the first run.
+    Across workers saving is collective: every replica's run is gathered.
 
     Args:
         shards: the sharded state (`partition == "whole"`).
@@ -106,6 +120,7 @@ class RunSlot(SlotFace):
         self.name = spec.name
         self.shape = tuple(spec.shape)
         self.dtype = tf.as_dtype(spec.dtype)
+        self._gather = None
 
     def _runs(self):
         runs = [owned.runs[self._index] for owned in self._shards.owners.values()
@@ -113,6 +128,19 @@ class RunSlot(SlotFace):
         return sorted(runs, key=lambda run: run.start)
 
     def value(self) -> tf.Tensor:
+        strategy = self._shards.strategy
+        if _private.in_multi_worker_mode(strategy):
+            # Collective: every replica gives its run (empty where it has none),
+            # in rank order, which is the runs' order in the variable.
+            if self._gather is None:
+                parts = {rank: owned.runs[self._index].slots[self._position]
+                         for rank, owned in self._shards.owners.items()
+                         if self._index in owned.runs}
+                self._gather = tf.function(
+                    lambda: gather_parts(strategy, parts, self.dtype), autograph=False)
+            flat = self._gather()
+            with tf.device("/cpu:0"):
+                return tf.reshape(flat if self.shape else flat[:1], self.shape)
         runs = self._runs()
         slots = [run.slots[self._position] for run in runs]
         with tf.device("/cpu:0"):

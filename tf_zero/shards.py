@@ -127,12 +127,9 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     if partition == "whole":
         optimizers = variable_optimizers(inner, variables)
         specs = plain_slot_specs(optimizers, variables)
-        # Runs of split variables live on one worker's replicas (RunSlot reads
-        # them locally): across workers every variable stays whole.
-        split = (split_variables(inner, optimizers, variables)
-                 if _private.worker_count(strategy) == 1 else None)
         plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes,
-                           costs=state_bytes(specs), split=split)
+                           costs=state_bytes(specs),
+                           split=split_variables(inner, optimizers, variables))
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
                       owners=build_owned(optimizers, variables, plan, strategy, specs),

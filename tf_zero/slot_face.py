@@ -60,3 +60,25 @@ class SlotFace(_private.Trackable):
     def _restore_from_tensors(self, restored_tensors):
         self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])
         return tf.no_op()
+
+
+def gather_parts(strategy, parts: dict, dtype) -> tf.Tensor:
+    """The replicas' `parts`, flattened and joined in rank order, on every
+    worker (a collective: every worker must call it for the same slot).
+
+    Args:
+        strategy: the (multi-worker) strategy.
+        parts: {rank: variable} for this worker's replicas that hold a part;
+            every other replica contributes an empty tensor (which
+            `strategy.gather` pads on the wire: saves are rare, and the result
+            is the parts bit for bit).
+        dtype: the parts' dtype.
+    """
+
+    def part(ctx):
+        variable = parts.get(ctx.replica_id_in_sync_group)
+        if variable is not None:
+            return tf.reshape(variable.value, [-1])
+        return tf.zeros([0], dtype)
+
+    return strategy.gather(strategy.experimental_distribute_values_from_function(part), axis=0)
