@@ -67,7 +67,8 @@ def update_shards(shards: Shards, inner, shard_grads, missing, rank: int) -> Non
 
 
 def _update_owned(shards, inner, shard_grads, missing, rank):
-    """Each whole variable this replica owns, by its own optimizer, in place.
+    """Each whole variable this replica owns, and each run of a split variable
+    it holds, by its own optimizer, in place.
 
     Its learning rate and weight decay are those of the optimizer that
     updates it (the inner one, or a MultiOptimizer's pick); every optimizer
@@ -75,38 +76,24 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
     """
     owned = shards.owners[rank]
     rates = {id(opt): opt.learning_rate for opt in _distinct(shards.optimizers)}
-    for i, view in sorted(owned.views.items()):
-        segments = shards.plan.variable_segments(i)
-        if i in missing or not segments:
-            continue
-        parts = []  # the variable's gradient, from its owner's shards of each bucket
-        for b, seg in segments:
-            lo = seg.offset - rank * shards.plan.buckets[b].shard_size
-            parts.append(shard_grads[b][lo:lo + seg.size])
-        grad = tf.reshape(tf.concat(parts, 0) if len(parts) > 1 else parts[0], view.shape)
-        opt = shards.optimizers[i]
-        lr = rates[id(opt)]
-        if opt.weight_decay is not None and _private.uses_weight_decay(
-                opt, shards.variables[i]):
-            wd = tf.cast(opt.weight_decay, view.dtype)
-            view.assign_sub(view.value * wd * tf.cast(lr, view.dtype))
-        _private.update_step(owned.optimizers[i], [tf.cast(grad, view.dtype)], [view], lr)
-    for i, run in sorted(owned.runs.items()):
-        if i in missing:
-            continue
-        parts = []  # this replica's run of the gradient, bucket by bucket
+    local = [(i, view, owned.optimizers[i]) for i, view in sorted(owned.views.items())]
+    local += [(i, run.weight, run.optimizer) for i, run in sorted(owned.runs.items())]
+    for i, weight, optimizer in local:
+        parts = []  # this replica's part of the gradient, bucket by bucket
         for b, seg in shards.plan.variable_segments(i):
             lo = seg.offset - rank * shards.plan.buckets[b].shard_size
             if 0 <= lo < shards.plan.buckets[b].shard_size:
                 parts.append(shard_grads[b][lo:lo + seg.size])
-        grad = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
-        opt, weight = shards.optimizers[i], run.weight
+        if i in missing or not parts:
+            continue
+        grad = tf.reshape(tf.concat(parts, 0) if len(parts) > 1 else parts[0], weight.shape)
+        opt = shards.optimizers[i]
         lr = rates[id(opt)]
         if opt.weight_decay is not None and _private.uses_weight_decay(
                 opt, shards.variables[i]):
             wd = tf.cast(opt.weight_decay, weight.dtype)
             weight.assign_sub(weight.value * wd * tf.cast(lr, weight.dtype))
-        _private.update_step(run.optimizer, [tf.cast(grad, weight.dtype)], [weight], lr)
+        _private.update_step(optimizer, [tf.cast(grad, weight.dtype)], [weight], lr)
     _update_averages(_averages(shards, inner, rank))
     for opt in _distinct([inner, *shards.optimizers]):
         _private.local_component(opt.iterations).assign_add(1)
