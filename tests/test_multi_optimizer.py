@@ -31,14 +31,14 @@ def sgd_and_lamb():
         keras.optimizers.SGD(0.05, momentum=0.9), {".*/kernel": keras.optimizers.Lamb(0.01)}))
 
 
-def fit(strategy, make, zero=True, epochs=2, initial_epoch=0, model=None):
+def fit(strategy, make, zero=True, epochs=2, initial_epoch=0, model=None, batch=BATCH):
     if model is None:
         with strategy.scope() if strategy is not None else _nothing():
             model = model_fn()
             opt = make()
             model.compile(optimizer=tf_zero.ZeroOptimizer(opt) if zero else opt, loss="mse")
     x, y = regression_data()
-    model.fit(x, y, batch_size=BATCH, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
+    model.fit(x, y, batch_size=batch, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
               shuffle=False, verbose=0)
     return model
 
@@ -176,3 +176,14 @@ def test_map_that_creates_optimizers_on_demand():
     got = fit(zero_strategy(4), make, epochs=1)
     assert len(got.optimizer.inner_optimizer.optimizers) == len(got.trainable_variables)
     assert max_weight_diff(ref.get_weights(), got.get_weights()) < 1e-6
+
+
+def test_accumulation_equals_one_large_batch():
+    """GradientAccumulationOptimizer over a MultiOptimizer: 4 micro-batches of 24
+    update as one batch of 96, each optimizer stepping once per window."""
+    big = fit(zero_strategy(4), muon_and_adamw, epochs=2, batch=4 * BATCH)
+    acc = fit(zero_strategy(4), lambda: tf_zero.GradientAccumulationOptimizer(
+        muon_and_adamw(), steps=4, stage=2), zero=False, epochs=2)
+    assert acc.optimizer.partition == "whole"
+    assert max_weight_diff(big.get_weights(), acc.get_weights()) < 1e-6
+    assert [int(o.iterations.numpy()) for o in acc.optimizer.inner_optimizer.optimizers] == [2, 2]
