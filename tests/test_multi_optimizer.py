@@ -1,4 +1,6 @@
-"""keras.optimizers.MultiOptimizer under ZeroOptimizer: each variable whole, by its own optimizer."""
+"""keras.optimizers.MultiOptimizer under ZeroOptimizer: each variable by its own optimizer."""
+
+import contextlib
 
 import keras
 import pytest
@@ -33,7 +35,7 @@ def sgd_and_lamb():
 
 def fit(strategy, make, zero=True, epochs=2, initial_epoch=0, model=None, batch=BATCH):
     if model is None:
-        with strategy.scope() if strategy is not None else _nothing():
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
             model = model_fn()
             opt = make()
             model.compile(optimizer=tf_zero.ZeroOptimizer(opt) if zero else opt, loss="mse")
@@ -41,14 +43,6 @@ def fit(strategy, make, zero=True, epochs=2, initial_epoch=0, model=None, batch=
     model.fit(x, y, batch_size=batch, epochs=initial_epoch + epochs, initial_epoch=initial_epoch,
               shuffle=False, verbose=0)
     return model
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # The sharded step sums gradients in another order than MirroredStrategy's

@@ -7,7 +7,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from tf_zero import _private
+from tf_zero import _private, support
 from tf_zero.optimizer import ZeroOptimizer
 
 
@@ -156,9 +156,7 @@ def memory_report(optimizer, model=None) -> MemoryReport:
         stage = 0
         inner = optimizer.inner_optimizer if isinstance(optimizer, ZeroOptimizer) else optimizer
         model_vars = _private.trained_variables(inner)
-        counters = [inner, *(inner.optimizers
-                             if isinstance(inner, keras.optimizers.MultiOptimizer) else ())]
-        skip = {id(v) for opt in counters for v in (
+        skip = {id(v) for opt in support.all_optimizers(inner) for v in (
             _private.iterations_variable(opt), _private.learning_rate_variable(opt))}
         slot_vars = [v for v in inner.variables if id(v) not in skip]
         for slot in slot_vars:

@@ -247,7 +247,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
             if self._partition == "whole":
                 support.check_whole_partition(inner, config, self._model_variables)
             support.check_stage3(config, strategy, self._model_variables,
-                                 [inner, *(inner.optimizers if support.is_multi(inner) else ())])
+                                 support.all_optimizers(inner))
             self._shards = build_shards(inner, self._model_variables, strategy,
                                         config.bucket_size_bytes, config.reduce_dtype,
                                         partition=self._partition)

@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.runs import RunSlot, build_runs, local_optimizer
-from tf_zero.slot_face import SlotFace, gather_parts
+from tf_zero.slot_face import PlacedSlot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,8 @@ def plain_slot_specs(templates, variables) -> tuple:
     Raises:
         ValueError: a plain optimizer orders its slots otherwise.
     """
-    configs = {id(t): t.get_config() for t in templates}  # eagerly: reads the learning rate
+    each = {id(t): t for t in templates}  # every optimizer once
+    configs = {key: t.get_config() for key, t in each.items()}  # eagerly: reads the rate
 
     def slots_of(template, var_list):
         optimizer = type(template).from_config(configs[id(template)])
@@ -90,7 +91,7 @@ def plain_slot_specs(templates, variables) -> tuple:
     with tf.Graph().as_default(), _private.keras_tracking():
         stand_ins = [_private.stand_in(v) for v in variables]
         per_variable = tuple(tuple(slots_of(t, [v])) for t, v in zip(templates, stand_ins))
-        for template in {id(t): t for t in templates}.values():
+        for template in each.values():
             mine = [i for i, t in enumerate(templates) if t is template]
             plain = slots_of(template, [stand_ins[i] for i in mine])
             joined = [spec for _, spec in plain_order(template, [per_variable[i] for i in mine])]
@@ -195,57 +196,33 @@ def state_bytes(slot_specs) -> list:
             for specs in slot_specs]
 
 
-class OwnedSlot(SlotFace):
+class OwnedSlot(PlacedSlot):
     """Checkpoint face of one slot of a variable owned whole by one replica.
 
     The slot lives only on the owner (`tf_zero.owners`). On one worker,
-    saving reads it there. Across workers, saving is collective: every
-    worker's save reads every slot, so each one gathers from all replicas a
-    value that is the slot on its owner and empty on every other replica
-    (every worker makes the same gathers in the same order, as it saves the
-    same items). Restoring writes the slot where its owner is local and does
-    nothing on other workers. At another replica count the owner changes, and
-    the value lands on the new one.
-
-    Args:
-        shards: the sharded optimizer state (`partition == "whole"`).
-        variable_index: index of the model variable.
-        position: the slot's position among that variable's slots.
-        spec: the slot's `SlotSpec`.
+    saving reads it there. Across workers, saving is collective: each worker
+    gathers from all replicas a value that is the slot on its owner and
+    empty on every other replica. Restoring writes the slot where its owner
+    is local and does nothing on other workers. At another replica count the
+    owner changes, and the value lands on the new one.
     """
-
-    def __init__(self, shards, variable_index, position, spec):
-        self._shards = shards
-        self._index = variable_index
-        self._position = position
-        self.name = spec.name
-        self.shape = tuple(spec.shape)
-        self.dtype = tf.as_dtype(spec.dtype)
-        self._gather = None
-
-    def _owner(self) -> int:
-        return self._shards.plan.owner(self._index)
 
     def _local_slot(self):
         """The slot variable, or None where its owner is on another worker."""
-        owned = self._shards.owners.get(self._owner())
+        owned = self._shards.owners.get(self._shards.plan.owner(self._index))
         return None if owned is None else owned.slots(self._index)[self._position]
 
+    def _parts(self) -> dict:
+        slot = self._local_slot()
+        return {} if slot is None else {self._shards.plan.owner(self._index): slot}
+
     def value(self) -> tf.Tensor:
-        strategy = self._shards.strategy
-        if not _private.in_multi_worker_mode(strategy):
+        if _private.in_multi_worker_mode(self._shards.strategy):
+            flat = self._gathered()
             with tf.device("/cpu:0"):
-                return tf.identity(self._local_slot().value)
-        if self._gather is None:
-            # Traced once (an eager gather traces a function of its own each
-            # time, about half a second): later saves only run it.
-            owner, slot = self._owner(), self._local_slot()
-            parts = {owner: slot} if slot is not None else {}
-            self._gather = tf.function(
-                lambda: gather_parts(strategy, parts, self.dtype), autograph=False)
-        flat = self._gather()
+                return tf.reshape(flat, self.shape)
         with tf.device("/cpu:0"):
-            return tf.reshape(flat, self.shape)
+            return tf.identity(self._local_slot().value)
 
     def _write(self, value):
         slot = self._local_slot()

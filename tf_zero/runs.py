@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.slot_face import SlotFace, gather_parts
+from tf_zero.slot_face import PlacedSlot
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,60 +97,37 @@ def refresh(runs: dict, variables) -> None:
         run.weight.assign(tf.reshape(local.read_value(), [-1])[run.start:run.start + run.size])
 
 
-class RunSlot(SlotFace):
+class RunSlot(PlacedSlot):
     """Checkpoint face of one slot of a split variable, seen whole.
 
     Each replica holding a run of the variable keeps that run of the slot;
-    saving concatenates the runs in order, restoring writes each replica its
-    run. Scalar slots (the same on every run) are read from the first run.
-    Across workers saving is collective: every replica's run is gathered.
-
-    Args:
-        shards: the sharded state (`partition == "whole"`).
-        variable_index: index of the model variable.
-        position: the slot's position among each run's slots.
-        spec: the plain optimizer's slot (`tf_zero.owners.SlotSpec`).
+    saving joins the runs in order (across workers, a collective gather of
+    every replica's run), restoring writes each local replica its run.
+    Scalar slots (the same on every run) are read from the first run.
     """
 
-    def __init__(self, shards, variable_index, position, spec):
-        self._shards = shards
-        self._index = variable_index
-        self._position = position
-        self.name = spec.name
-        self.shape = tuple(spec.shape)
-        self.dtype = tf.as_dtype(spec.dtype)
-        self._gather = None
+    def _runs(self) -> dict:
+        """{rank: Run} of this worker's replicas, in rank order (= run order)."""
+        return {rank: owned.runs[self._index]
+                for rank, owned in sorted(self._shards.owners.items())
+                if self._index in owned.runs}
 
-    def _runs(self):
-        runs = [owned.runs[self._index] for owned in self._shards.owners.values()
-                if self._index in owned.runs]
-        return sorted(runs, key=lambda run: run.start)
+    def _parts(self) -> dict:
+        return {rank: run.slots[self._position] for rank, run in self._runs().items()}
 
     def value(self) -> tf.Tensor:
-        strategy = self._shards.strategy
-        if _private.in_multi_worker_mode(strategy):
-            # Collective: every replica gives its run (empty where it has none),
-            # in rank order, which is the runs' order in the variable.
-            if self._gather is None:
-                parts = {rank: owned.runs[self._index].slots[self._position]
-                         for rank, owned in self._shards.owners.items()
-                         if self._index in owned.runs}
-                self._gather = tf.function(
-                    lambda: gather_parts(strategy, parts, self.dtype), autograph=False)
-            flat = self._gather()
+        if _private.in_multi_worker_mode(self._shards.strategy):
+            flat = self._gathered()
+        else:
             with tf.device("/cpu:0"):
-                return tf.reshape(flat if self.shape else flat[:1], self.shape)
-        runs = self._runs()
-        slots = [run.slots[self._position] for run in runs]
+                slots = list(self._parts().values())
+                flat = tf.concat([tf.reshape(s.value, [-1]) for s in slots], 0)
         with tf.device("/cpu:0"):
-            if not self.shape or len(slots[0].shape) == 0:
-                return tf.reshape(tf.identity(slots[0].value), self.shape)
-            flat = tf.concat([tf.identity(s.value) for s in slots], 0)
-            return tf.reshape(flat, self.shape)
+            return tf.reshape(flat if self.shape else flat[:1], self.shape)
 
     def _write(self, value):
         flat = tf.reshape(tf.cast(value, self.dtype), [-1])
-        for run in self._runs():
+        for run in self._runs().values():
             slot = run.slots[self._position]
             if len(slot.shape) == 0:
                 slot.assign(flat[0] if self.shape else tf.reshape(flat, []))

@@ -26,7 +26,7 @@ from tf_zero import _private
 from tf_zero.owners import build_owned, plain_slot_specs, state_bytes
 from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
-from tf_zero.support import is_multi, split_variables, variable_optimizers
+from tf_zero.support import all_optimizers, split_variables, variable_optimizers
 
 # Optimizers whose build() initializes a slot from the variable's value; the
 # shards do not hold their values yet when build() runs on all replicas at once.
@@ -176,9 +176,8 @@ def inner_in_scope(inner, strategy):
         ValueError: the inner optimizer already holds slots created outside
             the strategy's scope.
     """
-    counters = [inner, *(inner.optimizers if is_multi(inner) else ())]
     if all(strategy.extended.variable_created_in_scope(_private.tf_variable(o.iterations))
-           for o in counters):
+           for o in all_optimizers(inner)):
         return inner
     if inner.built and inner.variables[2:]:
         raise ValueError(

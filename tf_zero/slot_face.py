@@ -62,6 +62,48 @@ class SlotFace(_private.Trackable):
         return tf.no_op()
 
 
+class PlacedSlot(SlotFace):
+    """A slot of one model variable whose parts live on some replicas: on its
+    owner (`tf_zero.owners.OwnedSlot`) or in runs (`tf_zero.runs.RunSlot`).
+
+    Named and shaped by the plain optimizer's slot (its `SlotSpec`), which
+    every worker knows, whether or not it holds a part. Subclasses define
+    `_parts()`: {rank: slot variable} for this worker's replicas that hold a
+    part, in rank order, which is the parts' order in the flattened slot.
+
+    Args:
+        shards: the sharded state (`partition == "whole"`).
+        variable_index: index of the model variable.
+        position: the slot's position among that variable's slots.
+        spec: the plain optimizer's slot (`tf_zero.owners.SlotSpec`).
+    """
+
+    def __init__(self, shards, variable_index, position, spec):
+        self._shards = shards
+        self._index = variable_index
+        self._position = position
+        self.name = spec.name
+        self.shape = tuple(spec.shape)
+        self.dtype = tf.as_dtype(spec.dtype)
+        self._gather = None
+
+    def _parts(self) -> dict:
+        raise NotImplementedError
+
+    def _gathered(self) -> tf.Tensor:
+        """Every replica's part, joined in rank order, on every worker.
+
+        A collective (every worker's save reads every slot, in the same
+        order), traced once: an eager gather traces a function of its own
+        each time, about half a second.
+        """
+        if self._gather is None:
+            strategy, parts, dtype = self._shards.strategy, self._parts(), self.dtype
+            self._gather = tf.function(lambda: gather_parts(strategy, parts, dtype),
+                                       autograph=False)
+        return self._gather()
+
+
 def gather_parts(strategy, parts: dict, dtype) -> tf.Tensor:
     """The replicas' `parts`, flattened and joined in rank order, on every
     worker (a collective: every worker must call it for the same slot).

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tf_zero import collectives
 from tf_zero.shards import Shards
+from tf_zero.support import distinct
 
 
 def gradient_statistics(shards: Shards, inner, shard_grads, rank: int,
@@ -121,7 +122,7 @@ def _clip_each(shards, shard_grads, rank, sq):
     clipvalue."""
     optimizers = shards.optimizers
     scales = {}
-    for opt in {id(o): o for o in optimizers}.values():
+    for opt in distinct(optimizers):
         if _clips_by_norm(opt) and not (opt.clipnorm and opt.clipnorm > 0):
             mine = [i for i, o in enumerate(optimizers) if o is opt]
             norm = tf.sqrt(tf.reduce_sum(tf.gather(sq, mine)))

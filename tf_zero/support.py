@@ -35,14 +35,29 @@ def is_multi(inner) -> bool:
     return isinstance(inner, keras.optimizers.MultiOptimizer)
 
 
+def all_optimizers(inner) -> list:
+    """`inner`, and a MultiOptimizer's own optimizers after it."""
+    return [inner, *(inner.optimizers if is_multi(inner) else ())]
+
+
+def distinct(optimizers) -> list:
+    """Each optimizer once, in order of first appearance (by identity)."""
+    return list({id(o): o for o in optimizers}.values())
+
+
+def _is_keras(optimizer, names) -> bool:
+    """Whether `optimizer` is (a subclass of) one of Keras' optimizers `names`."""
+    return any(k.__name__ in names and k.__module__.startswith("keras")
+               for k in type(optimizer).__mro__)
+
+
 def needs_whole_tensors(inner) -> bool:
     """Whether `inner` is (a subclass of) a Keras whole-tensor optimizer.
 
     A MultiOptimizer counts as one: it picks an optimizer per variable, so
     each variable is updated whole by its own optimizer.
     """
-    return is_multi(inner) or any(k.__name__ in WHOLE_TENSOR_OPTIMIZERS and k.__module__.startswith("keras")
-               for k in type(inner).__mro__)
+    return is_multi(inner) or _is_keras(inner, WHOLE_TENSOR_OPTIMIZERS)
 
 
 def choose_partition(inner, requested=None) -> str:
@@ -156,7 +171,7 @@ def variable_optimizers(inner, variables) -> tuple:
     if not is_multi(inner):
         return (inner,) * len(variables)
     choices = _private.multi_optimizer_choices(inner, variables)
-    for opt in dict.fromkeys(choices):
+    for opt in distinct(choices):
         check_supported(opt)
     return tuple(choices)
 
@@ -174,8 +189,7 @@ def split_variables(inner, optimizers, variables) -> tuple:
     for opt, var in zip(optimizers, variables):
         if is_multi(inner) and not needs_whole_tensors(opt):
             flags.append(True)
-        elif any(k.__name__ == "Muon" and k.__module__.startswith("keras")
-                 for k in type(opt).__mro__):
+        elif _is_keras(opt, ("Muon",)):
             flags.append(_private.muon_uses_adamw(opt, var))
         else:
             flags.append(False)

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tf_zero import _private, collectives, runs
 from tf_zero.shards import Shards, shard_mask
+from tf_zero.support import distinct
 
 
 def refresh_weight_shards(shards: Shards, rank: int) -> None:
@@ -75,7 +76,7 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
     counts the step, as each of a MultiOptimizer's optimizers does.
     """
     owned = shards.owners[rank]
-    rates = {id(opt): opt.learning_rate for opt in _distinct(shards.optimizers)}
+    rates = {id(opt): opt.learning_rate for opt in distinct(shards.optimizers)}
     local = [(i, view, owned.optimizers[i]) for i, view in sorted(owned.views.items())]
     local += [(i, run.weight, run.optimizer) for i, run in sorted(owned.runs.items())]
     for i, weight, optimizer in local:
@@ -95,7 +96,7 @@ def _update_owned(shards, inner, shard_grads, missing, rank):
             weight.assign_sub(weight.value * wd * tf.cast(lr, weight.dtype))
         _private.update_step(optimizer, [tf.cast(grad, weight.dtype)], [weight], lr)
     _update_averages(_averages(shards, inner, rank))
-    for opt in _distinct([inner, *shards.optimizers]):
+    for opt in distinct([inner, *shards.optimizers]):
         _private.local_component(opt.iterations).assign_add(1)
 
 
@@ -131,7 +132,7 @@ def _update_averages(entries) -> None:
         not_first = tf.not_equal(_private.local_component(opt.iterations).read_value(), 0)
         momentum = tf.cast(not_first, w.dtype) * opt.ema_momentum
         a.assign(momentum * a.read_value() + (1 - momentum) * w.read_value())
-    for opt in _distinct([e[0] for e in entries if e[0].ema_overwrite_frequency]):
+    for opt in distinct([e[0] for e in entries if e[0].ema_overwrite_frequency]):
         pairs = [(w, a) for o, w, a in entries if o is opt]
         step = _private.local_component(opt.iterations).read_value() + 1
 
@@ -153,10 +154,6 @@ def overwrite_with_averages(shards, items) -> None:
             continue
         var = shards.variables[item.variable_index]
         var.assign(tf.cast(item.value(), var.dtype))
-
-
-def _distinct(optimizers) -> list:
-    return list({id(o): o for o in optimizers}.values())
 
 
 def _weight_decay(shards, inner, bucket, storage, pieces, lr):
