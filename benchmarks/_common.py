@@ -41,7 +41,7 @@ def make_model(hidden, inputs=64, outputs=10, layers=3):
     return keras.Sequential(stack)
 
 
-def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3):
+def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3, bucket_size_bytes=None):
     import keras
 
     import tf_zero
@@ -55,7 +55,7 @@ def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3):
         model = make_model(hidden, layers=layers)
         opt = keras.optimizers.Adam(lr)
         if mode != "mirrored":
-            opt = tf_zero.ZeroOptimizer(opt)
+            opt = tf_zero.ZeroOptimizer(opt, bucket_size_bytes=bucket_size_bytes)
         model.compile(optimizer=opt, loss="mse")
     return strategy, model
 
@@ -137,3 +137,69 @@ def step_op_count(model, x, y, batch):
     step = tf.function(lambda d: strategy.run(model.train_step, args=(d,)))
     graph_def = step.get_concrete_function(next(iter(data))).graph.as_graph_def()
     return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
+
+
+# The workloads of the step-time benchmarks: {name: (description, builder)}.
+# A builder returns (model, optimizer, loss, x, y, global batch) for a number
+# of replicas, built under the current strategy's scope.
+def _mlp27m(replicas, steps):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1024,)),
+                              keras.layers.Dense(8192, activation="relu"),
+                              keras.layers.Dense(2048, activation="relu"),
+                              keras.layers.Dense(1024)])
+    batch = 64
+    x, y = make_data(batch * steps, inputs=1024, outputs=1024)
+    return model, keras.optimizers.Adam(1e-4), "mse", x, y, batch
+
+
+def _gpt2_12(replicas, steps):
+    import keras
+    import keras_hub
+
+    import zoo
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=zoo.LM_VOCAB, num_layers=12, num_heads=4, hidden_dim=256,
+        intermediate_dim=1024, dropout=0.0, max_sequence_length=64)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    batch = 8 * replicas
+    x, y = zoo.lm_data(batch * steps)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return model, keras.optimizers.AdamW(1e-4, weight_decay=0.01), loss, x, y, batch
+
+
+WORKLOADS = {
+    "mlp27m": ("27M-parameter MLP 1024-8192-2048-1024, Adam, global batch 64", _mlp27m),
+    "gpt2": ("keras_hub GPT-2, 12 layers, hidden 256, vocabulary 512, 32 tokens, AdamW, "
+             "batch 8 per replica", _gpt2_12),
+}
+
+
+def make_workload(name, mode, devices, steps, hidden=2048, batch_per_replica=32,
+                  bucket_size_bytes=None):
+    """(model, x, y, global batch) of workload `name` compiled under `mode`;
+    `"mlp"` is `make_model(hidden)` with Adam (the quickstart's at 2048)."""
+    import tf_zero
+    from tf_zero import _private
+
+    replicas = len(devices or [0])
+    if name == "mlp":
+        batch = batch_per_replica * replicas
+        x, y = make_data(batch * steps)
+        _, model = make_strategy_and_model(mode, devices, hidden,
+                                           bucket_size_bytes=bucket_size_bytes)
+        return model, x, y, batch
+    if mode == "mirrored":
+        strategy = _private.new_mirrored_strategy(devices)
+    else:
+        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]))
+    with strategy.scope():
+        model, opt, loss, x, y, batch = WORKLOADS[name][1](replicas, steps)
+        if mode != "mirrored":
+            opt = tf_zero.ZeroOptimizer(opt, bucket_size_bytes=bucket_size_bytes)
+        model.compile(optimizer=opt, loss=loss)
+    return model, x, y, batch

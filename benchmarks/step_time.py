@@ -1,18 +1,24 @@
-"""Median fit step time: MirroredStrategy vs ZeRO stages 1, 2 and 3.
+"""Median fit step time and peak RSS: MirroredStrategy vs ZeRO stages 1, 2 and 3.
 
-All models live in one process on the same N replicas and data; their
-epochs are interleaved (mirrored, stage1, stage2, stage3, mirrored, ...) so machine
-noise hits them alike. The first epoch of each (tracing, warm-up) is
-excluded; the median over the remaining steps is reported, with ratios,
-beside the epoch's wall time over its steps (what Keras' progress bar shows),
-the time to the first step (tracing included) and the traced step's op count.
+Each mode runs in a process of its own (its peak RSS is its own), and the
+modes alternate round by round (mirrored, stage1, stage2, stage3, mirrored,
+...), so machine noise hits them alike. In each process the first epoch
+(tracing, warm-up) is excluded; the median over the remaining steps is
+reported, beside the epoch's wall time over its steps (what Keras' progress
+bar shows), the time to the first step (tracing included), the traced step's
+op count and the process's peak RSS. Figures are medians over the rounds.
 CPU runs use TensorFlow's BFC allocator unless TF_CPU_ALLOCATOR_USE_BFC is set
 (`_common`); the allocator that ran is printed.
 
-    python benchmarks/step_time.py [--params 2e6] [--replicas 4] [--epochs 4]
+Workloads (`--model`): `mlp` (3 hidden layers, `--params` / `--hidden`, 32
+samples per replica: the quickstart's model at `--hidden 2048`), `mlp27m` and
+`gpt2` (see `_common.WORKLOADS`).
+
+    python benchmarks/step_time.py [--model mlp27m] [--rounds 2] [--replicas 4] [--epochs 3]
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -22,23 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--params", type=float, default=2e6)
-    parser.add_argument("--hidden", type=int, default=None,
-                        help="MLP width; overrides --params (quickstart: 2048)")
-    parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-per-replica", type=int, default=32)
-    parser.add_argument("--plot", default=None, help="write a PNG of the step-time ratios")
-    args = parser.parse_args()
+def child(args):
+    """One mode's run; prints one JSON line."""
     devices = _common.configure_cpus(args.replicas)
     import keras
 
     hidden = args.hidden or _common.hidden_for(int(args.params))
-    batch = args.batch_per_replica * args.replicas
-    x, y = _common.make_data(batch * args.steps)
+    bucket = int(args.bucket_mib * 2**20) if args.bucket_mib else None
+    model, x, y, batch = _common.make_workload(args.model, args.child, devices, args.steps,
+                                               hidden, args.batch_per_replica, bucket)
 
     class Timer(keras.callbacks.Callback):
         """Each step, each epoch's wall time, and the time to the first step."""
@@ -65,37 +63,73 @@ def main():
                 return
             self.times.append(time.perf_counter() - self._t)
 
-    runs = {}
-    for mode in _common.MODES:
-        _, model = _common.make_strategy_and_model(mode, devices, hidden)
-        runs[mode] = (model, Timer())
-    warm = {}
-    for epoch in range(args.epochs):
-        for mode, (model, timer) in runs.items():
-            if epoch == 0:  # warm-up: tracing and the first step, timed apart
-                warm[mode] = Timer()
-                model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[warm[mode]])
-            else:
-                model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
-    params = runs["mirrored"][0].count_params()
+    warm, timer = Timer(), Timer()
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[warm])
+    model.fit(x, y, batch_size=batch, epochs=args.epochs - 1, verbose=0, callbacks=[timer])
+    print(json.dumps({
+        "step": statistics.median(timer.times),
+        "epoch_step": statistics.median(timer.epochs) / args.steps,
+        "first": warm.first,
+        "ops": _common.step_op_count(model, x, y, batch),
+        "rss": _common.peak_rss_mib(),
+        "params": model.count_params(),
+        "steps": len(timer.times),
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["mlp", *_common.WORKLOADS], default="mlp")
+    parser.add_argument("--params", type=float, default=2e6, help="mlp only")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="mlp width; overrides --params (quickstart: 2048)")
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--modes", nargs="+", default=list(_common.MODES),
+                        choices=list(_common.MODES))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="processes per mode, alternating between the modes")
+    parser.add_argument("--epochs", type=int, default=3, help="per process, the first untimed")
+    parser.add_argument("--steps", type=int, default=20, help="per epoch")
+    parser.add_argument("--batch-per-replica", type=int, default=32, help="mlp only")
+    parser.add_argument("--bucket-mib", type=float, default=None,
+                        help="ZeroOptimizer's bucket size (default: tf_zero's)")
+    parser.add_argument("--plot", default=None, help="write a PNG of the step-time ratios")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first is the warm-up)")
+    if args.child:
+        return child(args)
+    forwarded = [a for a in sys.argv[1:] if a != "--plot" and not a.endswith(".png")]
+    runs = {mode: [] for mode in args.modes}
+    for _ in range(args.rounds):
+        for mode in args.modes:
+            line = _common.run_child([os.path.abspath(__file__), *forwarded, "--child", mode])
+            runs[mode].append(json.loads(line))
+
+    def med(mode, key):
+        return statistics.median(r[key] for r in runs[mode])
+
     allocator = ("BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true")
                  else "default")
-    print(f"{params:,} parameters, Adam, {args.replicas} replicas, global batch {batch}, "
-          f"{len(runs['mirrored'][1].times)} timed steps each, CPU allocator: {allocator}")
-    base = statistics.median(runs["mirrored"][1].times)
+    base = args.modes[0]
+    first = runs[base][0]
+    what = (_common.WORKLOADS[args.model][0] if args.model != "mlp"
+            else f"MLP, Adam, global batch {args.batch_per_replica * args.replicas}")
+    print(f"{what}: {first['params']:,} parameters, {args.replicas} replicas, "
+          f"{first['steps']} timed steps per process, {args.rounds} round(s), "
+          f"CPU allocator: {allocator}")
     ratios = {}
-    for mode, (model, timer) in runs.items():
-        med = statistics.median(timer.times)
-        ratios[mode] = med / base
-        # What Keras' progress bar shows: an epoch's wall time over its steps.
-        per_step = statistics.median(timer.epochs) / args.steps
-        ops = _common.step_op_count(model, x, y, batch)
-        print(f"{mode:>9}: median step {med * 1000:8.2f} ms   x{med / base:.3f} of mirrored"
-              f"   epoch/steps {per_step * 1000:8.2f} ms   first step "
-              f"{warm[mode].first:6.2f} s   traced ops {ops:,}")
+    for mode in args.modes:
+        step, rss = med(mode, "step"), med(mode, "rss")
+        ratios[mode] = step / med(base, "step")
+        print(f"{mode:>9}: median step {step * 1000:8.2f} ms   x{ratios[mode]:.3f} of {base}"
+              f"   epoch/steps {med(mode, 'epoch_step') * 1000:8.2f} ms   first step "
+              f"{med(mode, 'first'):6.2f} s   traced ops {int(med(mode, 'ops')):,}"
+              f"   peak RSS {rss:7.0f} MiB x{rss / med(base, 'rss'):.3f}")
     if args.plot:
-        _common.bar_plot(args.plot, ratios, "median step / MirroredStrategy",
-                         f"{params:,} params, N={args.replicas}")
+        _common.bar_plot(args.plot, ratios, f"median step / {base}",
+                         f"{first['params']:,} params, N={args.replicas}")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,26 @@ def test_step_time_quick(tmp_path):
               "--steps", "3", "--plot", str(tmp_path / "s.png"))
     assert "stage2: median step" in out and "stage3: median step" in out
     assert "CPU allocator: BFC" in out  # set by benchmarks/_common.py unless chosen
-    ops = [int(line.split("traced ops")[1].replace(",", "")) for line in out.splitlines()
+    ops = [int(line.split("traced ops")[1].split()[0].replace(",", "")) for line in out.splitlines()
            if "traced ops" in line]
     assert len(ops) == 4 and min(ops) > 0
+    rss = [float(line.split("peak RSS")[1].split()[0]) for line in out.splitlines()
+           if "peak RSS" in line]
+    assert len(rss) == 4 and min(rss) > 100  # MiB, each mode's own process
+
+
+def test_step_profile_quick():
+    out = run("step_profile.py", "--model", "mlp", "--hidden", "400", "--replicas", "2",
+              "--steps", "2", "--modes", "mirrored", "stage2", "stage3")
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and all(p.replace(".", "").isdigit() for p in parts[-3:]):
+            rows[" ".join(parts[:-3])] = [float(v) for v in parts[-3:]]
+    assert rows["matmul"][0] > 0 and rows["optimizer math"][0] > 0
+    assert rows["zero publish"][1] > 0 and rows["zero reduce"][1] > 0  # the step's own copies
+    assert rows["collectives: gather"][2] > 0  # stage 3 gathers its weights
+    assert rows["zero publish"][0] == 0  # nothing of ZeRO under MirroredStrategy
 
 
 def test_memory_whole_quick():

@@ -205,6 +205,10 @@ class ShardedVariable:
         return self._dtype
 
     def _gather(self):
+        with tf.name_scope("zero_gather"):
+            return self._gather_in_scope()
+
+    def _gather_in_scope(self):
         size, shape = self.size, self._shape
         padded = self.shard_size * self.num_shards
         gather_dtype = self._gather_dtype()
@@ -220,10 +224,11 @@ class ShardedVariable:
             full = collectives.all_gather(tf.cast(shard, gather_dtype))
 
             def grad(dfull):
-                flat = tf.cast(dense_flat(dfull, shape), reduce_dtype)
-                if padded > size:
-                    flat = tf.concat([flat, tf.zeros([padded - size], reduce_dtype)], 0)
-                return tf.cast(collectives.reduce_scatter(flat), shard_dtype)
+                with tf.name_scope("zero_gather_grad"):
+                    flat = tf.cast(dense_flat(dfull, shape), reduce_dtype)
+                    if padded > size:
+                        flat = tf.concat([flat, tf.zeros([padded - size], reduce_dtype)], 0)
+                    return tf.cast(collectives.reduce_scatter(flat), shard_dtype)
 
             return tf.reshape(full[:size], shape), grad
 

@@ -57,10 +57,12 @@ class ShardedStep:
             loss_scaler: the wrapping `keras.optimizers.LossScaleOptimizer`,
                 whose scale the gradients carry, or None.
         """
-        flat, missing = gradients.local_gradients(self.shards, grads, variables)
+        with tf.name_scope("zero_flatten"):
+            flat, missing = gradients.local_gradients(self.shards, grads, variables)
         if self.accumulator is None:
-            self.apply_shards(gradients.reduce_to_shards(self.shards, flat), missing,
-                              loss_scaler)
+            with tf.name_scope("zero_reduce"):
+                shard_grads = gradients.reduce_to_shards(self.shards, flat)
+            self.apply_shards(shard_grads, missing, loss_scaler)
             return
         k = self.accumulator.steps
         self.accumulator.sharded_micro_step(
@@ -71,14 +73,17 @@ class ShardedStep:
         """Links 4-8: from summed gradient shards to updated model weights."""
         shards, inner = self.shards, self.inner
         rank = collectives.rank()
-        shard_grads = statistics.unscale(shard_grads, divisor, loss_scaler)
-        stats = statistics.gradient_statistics(shards, inner, shard_grads, rank,
-                                               check_finite=loss_scaler is not None)
-        shard_grads = statistics.clip(shards, inner, shard_grads, rank, stats)
-        update.refresh_weight_shards(shards, rank)
+        with tf.name_scope("zero_statistics"):
+            shard_grads = statistics.unscale(shard_grads, divisor, loss_scaler)
+            stats = statistics.gradient_statistics(shards, inner, shard_grads, rank,
+                                                   check_finite=loss_scaler is not None)
+            shard_grads = statistics.clip(shards, inner, shard_grads, rank, stats)
+        with tf.name_scope("zero_refresh"):
+            update.refresh_weight_shards(shards, rank)
 
         def apply():
-            update.update_shards(shards, inner, shard_grads, missing, rank)
+            with tf.name_scope("zero_update"):
+                update.update_shards(shards, inner, shard_grads, missing, rank)
             if loss_scaler is not None:
                 loss_scale.after_finite_step(loss_scaler)
             return tf.constant(True)
@@ -92,4 +97,5 @@ class ShardedStep:
             # Identical on every replica (all-reduced), so every replica takes
             # the same branch; neither branch communicates.
             tf.cond(stats["finite"], apply, skip)
-        update.publish(shards, missing)
+        with tf.name_scope("zero_publish"):
+            update.publish(shards, missing)
