@@ -1,10 +1,5 @@
 """The private TensorFlow entry points tf_zero relies on still behave."""
 
-import gc
-import threading
-import time
-import weakref
-
 import keras
 import numpy as np
 import pytest
@@ -128,37 +123,6 @@ def test_fit_exit_hooks_run_when_fit_raises():
     with pytest.raises(RuntimeError, match="stop"):
         model.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0, callbacks=[Fail()])
     assert released == [True]
-
-
-def test_epoch_iterators_are_released_off_the_training_thread(monkeypatch):
-    # Deleting a distributed iterator can block for tf.data's autotuning period;
-    # each epoch's iterator must be handed to the release thread, and die there.
-    from tf_zero._private import keras_training
-
-    handed = []
-    release = keras_training._release_off_thread
-
-    def record(iterator):
-        handed.append((weakref.ref(iterator), threading.current_thread()))
-        release(iterator)
-
-    monkeypatch.setattr(keras_training, "_release_off_thread", record)
-    with zero_strategy(2).scope():
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.compile(optimizer="sgd", loss="mse")
-    history = model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, epochs=3, verbose=0)
-    assert len(history.history["loss"]) == 3
-    gc.collect()
-    # At least one iterator per epoch (the build's first batch reads one more;
-    # the one Keras makes ahead for an epoch that never comes was never read,
-    # and is deleted at once).
-    assert len(handed) >= 3
-    deadline = time.monotonic() + 60
-    while any(ref() is not None for ref, _ in handed) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(ref() is None for ref, _ in handed), "the release thread did not drop them"
-    threads = {t.name for t in threading.enumerate()}
-    assert "tf_zero_iterator_release" in threads
 
 
 def test_plain_variables_on_one_replica_and_keras_views():

@@ -3,8 +3,6 @@ workers, resuming mid-epoch, and clean-up when `fit` ends."""
 
 from __future__ import annotations
 
-import queue
-import threading
 import weakref
 
 import tensorflow as tf
@@ -90,57 +88,6 @@ def set_batches_to_skip(model, batches: int) -> None:
 
 
 def _enumerate_iterator(self):
-    held = _held_iterators(self)
-    for begin, end, iterator in _skipping_enumerate_iterator(self):
-        if not held or held[-1] is not iterator:
-            held.append(iterator)
-        yield begin, end, iterator
-        # `fit` now holds the newest iterator; the older ones only here.
-        while len(held) > 1:
-            _release_off_thread(held.pop(0))
-
-
-# Deleting a distributed dataset's iterator waits for tf.data's autotuning
-# threads of its per-device pipelines to wake up, which they do only when their
-# optimization period (growing to a minute) ends: Keras creates an iterator per
-# epoch, and the first batch of every epoch after the first waited 7 to 120 s
-# (27M-parameter MLP, 4 logical CPUs, MirroredStrategy or ZeroStrategy alike).
-# The iterators an epoch iterator yielded are released by a thread of their own
-# instead, once nothing in `fit` uses them.
-_release_queue = None
-
-
-def _held_iterators(epoch_iterator) -> list:
-    held = getattr(epoch_iterator, "_tf_zero_held", None)
-    if held is None:
-        held = epoch_iterator._tf_zero_held = []
-        # When `fit` (or evaluate) drops its epoch iterator, hand the last
-        # iterators over too.
-        weakref.finalize(epoch_iterator, _release_all, held)
-    return held
-
-
-def _release_all(held) -> None:
-    while held:
-        _release_off_thread(held.pop(0))
-
-
-def _release_off_thread(iterator) -> None:
-    global _release_queue
-    if _release_queue is None:
-        _release_queue = queue.SimpleQueue()
-        threading.Thread(target=_release_loop, args=(_release_queue,),
-                         name="tf_zero_iterator_release", daemon=True).start()
-    _release_queue.put(iterator)
-
-
-def _release_loop(items) -> None:
-    while True:
-        item = items.get()
-        del item  # the iterator's deletion blocks here, not the training thread
-
-
-def _skipping_enumerate_iterator(self):
     model = getattr(self, "_tf_zero_model", None)
     skip = getattr(model, "_tf_zero_skip_batches", 0) if model is not None else 0
     if not skip:
