@@ -11,8 +11,9 @@ Options:
     --configs adam:2 sgd:1 ...   optimizer:stage[:accumulation][:f16] to train in turn
     --epochs E --backup DIR      epochs; backup directory (resume on relaunch)
     --out DIR                    write each worker's final weights there (npz)
-    --save DIR                   save the final model and optimizer there, as CONFIG.weights.h5
-                                 and a tf.train.Checkpoint CONFIG/ckpt (every worker joins)
+    --save DIR                   save the final model and optimizer there, as CONFIG.weights.h5,
+                                 a tf.train.Checkpoint CONFIG/ckpt (every worker joins) and a
+                                 tf_zero.Checkpoint CONFIG/sharded (every worker writes its shards)
     --save-configs adam:2 ...    only these configs (default: all)
     --timeout S                  collective timeout (a dead peer becomes an error)
     --crash-worker I --crash-epoch E   SIGKILL worker I when epoch E begins (tests)
@@ -96,6 +97,10 @@ def save(model, strategy, directory, name):
             checkpoint.write(os.path.join(scratch, "ckpt"))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    # Every worker writes its own shards into one checkpoint on the shared
+    # directory; the chief publishes it once all parts are written.
+    tf_zero.Checkpoint(model=model, optimizer=model.optimizer).write(
+        os.path.join(directory, name, "sharded"))
 
 
 class CrashAt(keras.callbacks.Callback):

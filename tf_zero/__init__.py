@@ -1,6 +1,7 @@
 """tf_zero: ZeRO-style sharded data parallelism for TensorFlow and Keras 3."""
 
 from tf_zero import callbacks, saving
+from tf_zero.checkpoint import Checkpoint
 from tf_zero.config import ZeroConfig
 from tf_zero.estimate import MemoryEstimate, estimate_memory
 from tf_zero.memory import MemoryReport, ReplicaMemory, memory_report

@@ -3,10 +3,15 @@
 TensorFlow saves a sync-on-read variable as replica 0's component and
 restores that value on every replica, so a naively checkpointed shard loses
 N-1 of its N pieces. Each `UnshardedSlot` here stands for one slot (say, Adam's
-momentum) of one model variable: saving assembles the full, unpadded tensor
-from the shards that hold its pieces; restoring writes each replica's pieces
-back into its own shard. A checkpoint therefore has the same keys, shapes and
-values as the plain inner optimizer's, whatever the replica count or stage.
+momentum) of one model variable, saved under the plain optimizer's key with
+the full, unpadded shape. A TensorFlow checkpoint (`tf.train.Checkpoint`)
+stores it as slices: each replica's pieces of the slot are written straight
+from its shard, as slices of the full tensor (`tf_zero.slices`), and a
+restore reads, for each replica, only the slices of its own pieces, from
+whatever split the checkpoint holds. Keras' single-file formats read the
+full value (`value()`), assembled from the shards. A checkpoint therefore
+has the same keys, shapes and values as the plain inner optimizer's, and
+restores at any replica count or stage, or into the plain optimizer.
 
 `slot_layout` recovers the order in which the plain optimizer would create its
 slot variables, which fixes their position in `optimizer.variables` (the key
@@ -15,11 +20,13 @@ of Keras' `.weights.h5` files and of `tf.train.Checkpoint`'s `_variables/i`).
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, owners
+from tf_zero import _private, owners, slices
 from tf_zero.slot_face import SlotFace
 
 
@@ -51,6 +58,53 @@ class UnshardedSlot(SlotFace):
 
     def _bucket_slot(self, bucket_index):
         return self._shards.slots[bucket_index][self._position]
+
+    def _local_pieces(self):
+        """(component, piece) for every piece of this slot in this worker's shards."""
+        plan = self._shards.plan
+        ranks = _private.local_replica_ranks(self._shards.strategy)
+        for b, _ in plan.variable_segments(self._index):
+            comps = _private.components(self._bucket_slot(b))
+            for rank, comp in zip(ranks, comps):
+                for piece in plan.buckets[b].shard_pieces(rank):
+                    if piece.variable == self._index:
+                        yield comp, piece
+
+    # -- TensorFlow checkpoints: slices ------------------------------------
+
+    def _gather_saveables_for_checkpoint(self):
+        return _private.sliced_saveables(self)
+
+    def checkpoint_slices(self):
+        """(spec, read, dtype, device) of each slice this worker saves or restores.
+
+        The slices of this worker's pieces; under several workers, unless
+        `tf_zero.checkpoint.Checkpoint` is writing (each worker its own
+        slices), the full value, gathered (every worker joins; the chief's
+        file is complete, as TensorFlow's own multi-worker saving expects).
+        """
+        if (_private.in_multi_worker_mode(self._shards.strategy)
+                and not slices.writing_local_slices()):
+            return [("", self.value(), None, None)]
+        return [(s.spec, functools.partial(_read_slice, comp, piece.offset + s.flat_start - piece.start, s),
+                 comp.dtype, comp.device)
+                for comp, piece in self._local_pieces()
+                for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size)]
+
+    def restore_slices(self, restored: dict) -> None:
+        """Writes restored slices ({spec: tensor}) into this worker's pieces."""
+        full = restored.get("")
+        if full is not None:
+            self.check_shape(full)  # a whole tensor: the restore op did not compare shapes
+            full = tf.reshape(full, [-1])
+        for comp, piece in self._local_pieces():
+            # Each slice straight into its place in the shard: no joined copy.
+            for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size):
+                lo = piece.offset + s.flat_start - piece.start
+                value = (restored[s.spec] if s.spec in restored
+                         else full[s.flat_start:s.flat_start + s.size])
+                with tf.device(comp.device):
+                    comp[lo:lo + s.size].assign(tf.cast(tf.reshape(value, [-1]), comp.dtype))
 
     # -- reading ----------------------------------------------------------
 
@@ -96,6 +150,13 @@ class UnshardedSlot(SlotFace):
                     if p.variable == self._index:
                         comp[p.offset:p.offset + p.size].assign(
                             tf.cast(flat[p.start:p.start + p.size], comp.dtype))
+
+
+def _read_slice(component, offset, piece_slice):
+    """One checkpoint slice, read from a replica's shard without a copy."""
+    with tf.device(component.device):
+        flat = component.read_value()[offset:offset + piece_slice.size]
+        return tf.reshape(flat, piece_slice.extent)
 
 
 def gather_components(strategy, variable):

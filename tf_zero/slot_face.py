@@ -47,12 +47,16 @@ class SlotFace(_private.Trackable):
             ValueError: `value` has another shape (a different model).
         """
         value = tf.convert_to_tensor(value)
+        self.check_shape(value)
+        self._write(value)
+
+    def check_shape(self, value) -> None:
+        """Raises ValueError if a checkpoint value's shape is not this slot's."""
         if tuple(value.shape) != self.shape:
             raise ValueError(
                 f"Checkpoint value for optimizer slot {self.name} has shape "
                 f"{tuple(value.shape)} but this optimizer's slot has shape "
                 f"{self.shape}: the checkpoint belongs to a different model.")
-        self._write(value)
 
     def _serialize_to_tensors(self):
         return {_private.VARIABLE_VALUE_KEY: self.value()}

@@ -11,7 +11,8 @@ TensorFlow versions in `CHECKED_TF_VERSIONS`, and covered by
 or `keras.src`, or reads a TensorFlow or Keras object's underscore names.
 
 Modules: `distribute` (collectives, replicas, per-replica variables, the
-coordination service), `keras_optimizer` (update step, loss scaling, saving
+coordination service), `checkpoint_io` (checkpoint entries stored as
+slices), `keras_optimizer` (update step, loss scaling, saving
 walker, optimizer state), `keras_layers` (autocast, weight creation, layer
 state), `keras_training` (the trainer's hooks). Everything is re-exported
 here: callers write `_private.components(v)`.
@@ -55,6 +56,8 @@ from tf_zero._private.distribute import (  # noqa: E402
     new_multi_worker_strategy, next_collective_key_base, raw_all_gather, raw_all_reduce,
     raw_all_to_all, raw_reduce_scatter, sharded_storage, strategy_of, tf_variable,
     worker_count, worker_index, local_variable_creator, unique_id, is_composite_tensor, export_to_saved_model_graph, write_object_proto)
+from tf_zero._private.checkpoint_io import (  # noqa: E402
+    local_serialized_slices, run_write_callbacks, sliced_saveables)
 from tf_zero._private.keras_layers import (  # noqa: E402
     added_loss_count, autocast_dtype, autocast_scope, layer_adding_weight,
     own_trainable_variables)

@@ -1,0 +1,172 @@
+"""Host memory and wall time of saving and restoring a sharded checkpoint.
+
+For each replica count N, a fresh process builds the benchmark MLP (Adam,
+stage 2 by default), trains one step so every slot exists, then:
+
+* save: `tf.train.Checkpoint(model, optimizer).write(...)`;
+* restore, in a second fresh process (so that no freed memory is reused):
+  the same checkpoint into a newly built model and optimizer on the same N
+  (`read(...)`; every value's digest compared with the saved one's).
+
+RSS is sampled every 2 ms on a thread; "extra" is the peak during the call
+minus the RSS just before it. TensorFlow's CPU allocator (BFC) also reports
+its peak bytes in use over its bytes in use before the call. Both are given
+in MiB and as a fraction of the model state
+(float32 weights and both Adam slots, summed over the model, not per
+replica). All N replicas share one process here, so "own shards" is the
+whole state: the issue's per-worker bound is that extra stays below one
+worker's own shards plus one bucket, and slices written straight from the
+shards make it far smaller.
+
+    python benchmarks/checkpoint.py [--params 50e6] [--replicas 1 2 4 8] [--stage 2]
+        [--plot checkpoint.png]
+
+Run it with another tf_zero on PYTHONPATH (an older checkout) to compare paths.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRss:
+    """Peak RSS (MiB) while the block runs, sampled every 2 ms."""
+
+    def __enter__(self):
+        self.before = self.peak = rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+        self.extra = self.peak - self.before
+        return False
+
+
+def _digest(arrays):
+    import hashlib
+
+    import numpy as np
+
+    return [hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays]
+
+
+class Measured(PeakRss):
+    """PeakRss plus the peak of TensorFlow's (BFC) CPU allocator over its usage before."""
+
+    def __enter__(self):
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        self.tf_before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import tensorflow as tf
+
+        super().__exit__(*exc)
+        self.tf_extra = (tf.config.experimental.get_memory_info("CPU:0")["peak"]
+                         - self.tf_before) / 2**20
+        return False
+
+
+def child(n, params, stage, directory, phase):
+    """phase "save": train a step, save, print digests; "restore": a fresh
+    process builds the model and restores (no memory freed before it)."""
+    devices = _common.configure_cpus(n)
+    import gc
+
+    import numpy as np
+    import tensorflow as tf
+
+    hidden = _common.hidden_for(params)
+    _, model = _common.make_strategy_and_model(f"stage{stage}", devices, hidden)
+    model.optimizer.build(model.trainable_variables)
+    prefix = os.path.join(directory, "ckpt")
+    if phase == "save":
+        x, y = _common.make_data(16 * n)
+        model.fit(x, y, batch_size=16 * n, epochs=1, verbose=0)
+        gc.collect()
+        with Measured() as m:
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(prefix)
+    else:
+        gc.collect()
+        with Measured() as m:
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
+                prefix).assert_consumed()
+    values = model.get_weights() + [np.asarray(v.numpy()) for v in model.optimizer.variables]
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    print(json.dumps({"n": n, "params": model.count_params(),
+                      "state_mib": model.count_params() * 4 * 3 / 2**20,
+                      "seconds": m.seconds, "rss_extra_mib": m.extra, "tf_extra_mib": m.tf_extra,
+                      "file_mib": size / 2**20, "digest": _digest(values)}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=50e6)
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--stage", type=int, default=2, choices=[1, 2, 3])
+    parser.add_argument("--plot", default=None, help="write a PNG of the extra memory")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        return child(args.child, args.params, args.stage, args.dir, args.phase)
+    print(f"tf.train.Checkpoint of the {args.params:.3g}-parameter Adam MLP at stage "
+          f"{args.stage}; extra = peak RSS during the call minus RSS before it")
+    rows = []
+    for n in args.replicas:
+        with tempfile.TemporaryDirectory() as directory:
+            save, restore = (json.loads(_common.run_child(
+                [os.path.abspath(__file__), "--child", str(n), "--params", str(args.params),
+                 "--stage", str(args.stage), "--dir", directory, "--phase", phase]))
+                for phase in ("save", "restore"))
+        state = save["state_mib"]
+        r = {"n": n, "state_mib": state, "file_mib": save["file_mib"],
+             "identical": save["digest"] == restore["digest"]}
+        for name, m in (("save", save), ("restore", restore)):
+            r[name] = {k: m[k] for k in ("seconds", "rss_extra_mib", "tf_extra_mib")}
+        rows.append(r)
+        print(f"N={n}: state {state:.0f} MiB, file {r['file_mib']:.0f} MiB | " + " | ".join(
+            f"{name} {r[name]['seconds']:.2f} s, extra RSS {r[name]['rss_extra_mib']:.0f} MiB "
+            f"(x{r[name]['rss_extra_mib'] / state:.2f}), TensorFlow's allocator "
+            f"{r[name]['tf_extra_mib']:.0f} MiB (x{r[name]['tf_extra_mib'] / state:.2f})"
+            for name in ("save", "restore")) + f" | restored identical: {r['identical']}",
+            flush=True)
+    if args.plot:
+        _common.line_plot(args.plot, {
+            name: [(r["n"], r[name]["rss_extra_mib"] / r["state_mib"]) for r in rows]
+            for name in ("save", "restore")},
+            "replicas", "extra host memory / model state",
+            f"tf.train.Checkpoint, {args.params:.3g}-parameter Adam MLP, stage {args.stage}")
+    if not all(r["identical"] for r in rows):
+        sys.exit("a restored value differs from the saved one")
+
+
+if __name__ == "__main__":
+    main()

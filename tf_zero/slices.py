@@ -1,0 +1,124 @@
+"""Checkpoint slices: a flat run of a tensor as TensorFlow checkpoint slices.
+
+A TensorFlow checkpoint can store one tensor as several slices, each a
+hyper-rectangle of the full tensor (the way partitioned variables were saved;
+`SaveV2`'s `shape_and_slices`), and its reader assembles any requested slice,
+or the full tensor, from whichever stored slices overlap it. A replica's
+shard holds contiguous runs of flattened variables, and a run of a
+multi-dimensional tensor is in general not one rectangle: a partial first
+row, a block of whole rows, a partial last row, recursively. `flat_slices`
+splits a run into those rectangles, in flattened order, so that a shard is
+written as its own slices and read back from any other split of the tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """One rectangle of a tensor of shape `shape`, holding the flat elements
+    `[flat_start, flat_start + size)` in row-major order.
+
+    Attributes:
+        shape: the full tensor's shape.
+        begin: the rectangle's first index along each dimension.
+        extent: its length along each dimension.
+        flat_start: where its elements begin in the flattened tensor.
+    """
+
+    shape: tuple[int, ...]
+    begin: tuple[int, ...]
+    extent: tuple[int, ...]
+    flat_start: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.extent)
+
+    @property
+    def is_full(self) -> bool:
+        return self.extent == self.shape
+
+    @property
+    def spec(self) -> str:
+        """The `shape_and_slices` string ("" for the full tensor)."""
+        if self.is_full:
+            return ""
+        dims = " ".join(str(d) for d in self.shape)
+        ranges = ":".join(
+            "-" if (b == 0 and e == d) else f"{b},{e}"
+            for b, e, d in zip(self.begin, self.extent, self.shape))
+        return f"{dims} {ranges}"
+
+
+def flat_slices(shape, start: int, stop: int) -> list[Slice]:
+    """Rectangles covering flat elements `[start, stop)` of a tensor of `shape`,
+    in flattened order, at most 2 per dimension beyond the first plus one.
+
+    Raises:
+        ValueError: the run is empty or outside the tensor.
+    """
+    shape = tuple(int(d) for d in shape)
+    total = math.prod(shape)
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"flat run [{start}, {stop}) is empty or outside a tensor "
+                         f"of shape {shape} ({total} elements)")
+    if not shape:
+        return [Slice((), (), (), 0)]
+    return [Slice(shape, begin, extent, flat)
+            for begin, extent, flat in _rectangles(shape, start, stop)]
+
+
+def _rectangles(shape, start, stop):
+    """(begin, extent, flat_start) of the rectangles of `[start, stop)`."""
+    if len(shape) == 1:
+        return [((start,), (stop - start,), start)]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    out = []
+    if first == last:
+        for begin, extent, _ in _rectangles(shape[1:], start - first * inner,
+                                            stop - first * inner):
+            out.append(((first, *begin), (1, *extent), start))
+            start += math.prod(extent)
+        return out
+    if start % inner:
+        for begin, extent, _ in _rectangles(shape[1:], start % inner, inner):
+            out.append(((first, *begin), (1, *extent), start))
+            start += math.prod(extent)
+        first += 1
+    whole_end = stop // inner
+    if whole_end > first:
+        out.append(((first,) + (0,) * (len(shape) - 1),
+                    (whole_end - first, *shape[1:]), first * inner))
+    if stop % inner:
+        flat = whole_end * inner
+        for begin, extent, _ in _rectangles(shape[1:], 0, stop % inner):
+            out.append(((whole_end, *begin), (1, *extent), flat))
+            flat += math.prod(extent)
+    return out
+
+
+_state = threading.local()
+
+
+def writing_local_slices() -> bool:
+    """True while a multi-worker checkpoint is written by every worker, each
+    its own slices (`tf_zero.checkpoint.Checkpoint`)."""
+    return getattr(_state, "local", False)
+
+
+@contextlib.contextmanager
+def local_slices():
+    """Sharded state saves only this worker's slices, even under several workers."""
+    previous = writing_local_slices()
+    _state.local = True
+    try:
+        yield
+    finally:
+        _state.local = previous
