@@ -1,9 +1,10 @@
 """Host memory and wall time of saving and restoring a sharded checkpoint.
 
-For each replica count N, a fresh process builds the benchmark MLP (Adam,
-stage 2 by default), trains one step so every slot exists, then:
+For each writer (`tf.train.Checkpoint`, `tf_zero.Checkpoint`) and replica
+count N, a fresh process builds the benchmark MLP (Adam, stage 2 by default),
+trains one step so every slot exists, then:
 
-* save: `tf.train.Checkpoint(model, optimizer).write(...)`;
+* save: `Checkpoint(model=..., optimizer=...).write(...)`;
 * restore, in a second fresh process (so that no freed memory is reused):
   the same checkpoint into a newly built model and optimizer on the same N
   (`read(...)`; every value's digest compared with the saved one's).
@@ -19,9 +20,10 @@ worker's own shards plus one bucket, and slices written straight from the
 shards make it far smaller.
 
     python benchmarks/checkpoint.py [--params 50e6] [--replicas 1 2 4 8] [--stage 2]
-        [--plot checkpoint.png]
+        [--writers tf tf_zero] [--plot checkpoint.png]
 
-Run it with another tf_zero on PYTHONPATH (an older checkout) to compare paths.
+Run it with another tf_zero on PYTHONPATH (an older checkout, `--writers tf`)
+to compare with the path that assembled every slot.
 """
 
 import argparse
@@ -93,7 +95,7 @@ class Measured(PeakRss):
         return False
 
 
-def child(n, params, stage, directory, phase):
+def child(n, params, stage, directory, phase, writer):
     """phase "save": train a step, save, print digests; "restore": a fresh
     process builds the model and restores (no memory freed before it)."""
     devices = _common.configure_cpus(n)
@@ -106,17 +108,22 @@ def child(n, params, stage, directory, phase):
     _, model = _common.make_strategy_and_model(f"stage{stage}", devices, hidden)
     model.optimizer.build(model.trainable_variables)
     prefix = os.path.join(directory, "ckpt")
+    if writer == "tf_zero":
+        import tf_zero
+
+        make = tf_zero.Checkpoint
+    else:
+        make = tf.train.Checkpoint
     if phase == "save":
         x, y = _common.make_data(16 * n)
         model.fit(x, y, batch_size=16 * n, epochs=1, verbose=0)
         gc.collect()
         with Measured() as m:
-            tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(prefix)
+            make(model=model, optimizer=model.optimizer).write(prefix)
     else:
         gc.collect()
         with Measured() as m:
-            tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
-                prefix).assert_consumed()
+            make(model=model, optimizer=model.optimizer).read(prefix).assert_consumed()
     values = model.get_weights() + [np.asarray(v.numpy()) for v in model.optimizer.variables]
     size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     print(json.dumps({"n": n, "params": model.count_params(),
@@ -133,26 +140,31 @@ def main():
     parser.add_argument("--plot", default=None, help="write a PNG of the extra memory")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--writers", nargs="+", default=["tf", "tf_zero"],
+                        choices=["tf", "tf_zero"],
+                        help="tf.train.Checkpoint and/or tf_zero.Checkpoint")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        return child(args.child, args.params, args.stage, args.dir, args.phase)
-    print(f"tf.train.Checkpoint of the {args.params:.3g}-parameter Adam MLP at stage "
-          f"{args.stage}; extra = peak RSS during the call minus RSS before it")
+        return child(args.child, args.params, args.stage, args.dir, args.phase, args.writers[0])
+    print(f"Checkpoint of the {args.params:.3g}-parameter Adam MLP at stage {args.stage}; extra = "
+          "peak during the call minus usage before it")
     rows = []
-    for n in args.replicas:
+    for writer, n in ((w, n) for w in args.writers for n in args.replicas):
         with tempfile.TemporaryDirectory() as directory:
             save, restore = (json.loads(_common.run_child(
                 [os.path.abspath(__file__), "--child", str(n), "--params", str(args.params),
-                 "--stage", str(args.stage), "--dir", directory, "--phase", phase]))
+                 "--stage", str(args.stage), "--dir", directory, "--phase", phase,
+                 "--writers", writer]))
                 for phase in ("save", "restore"))
         state = save["state_mib"]
-        r = {"n": n, "state_mib": state, "file_mib": save["file_mib"],
+        r = {"writer": writer, "n": n, "state_mib": state, "file_mib": save["file_mib"],
              "identical": save["digest"] == restore["digest"]}
         for name, m in (("save", save), ("restore", restore)):
             r[name] = {k: m[k] for k in ("seconds", "rss_extra_mib", "tf_extra_mib")}
         rows.append(r)
-        print(f"N={n}: state {state:.0f} MiB, file {r['file_mib']:.0f} MiB | " + " | ".join(
+        label = "tf.train.Checkpoint" if writer == "tf" else "tf_zero.Checkpoint"
+        print(f"{label} N={n}: state {state:.0f} MiB, file {r['file_mib']:.0f} MiB | " + " | ".join(
             f"{name} {r[name]['seconds']:.2f} s, extra RSS {r[name]['rss_extra_mib']:.0f} MiB "
             f"(x{r[name]['rss_extra_mib'] / state:.2f}), TensorFlow's allocator "
             f"{r[name]['tf_extra_mib']:.0f} MiB (x{r[name]['tf_extra_mib'] / state:.2f})"
@@ -160,9 +172,10 @@ def main():
             flush=True)
     if args.plot:
         _common.line_plot(args.plot, {
-            name: [(r["n"], r[name]["rss_extra_mib"] / r["state_mib"]) for r in rows]
-            for name in ("save", "restore")},
-            "replicas", "extra host memory / model state",
+            f"{writer} {name}": [(r["n"], r[name]["tf_extra_mib"] / r["state_mib"])
+                                 for r in rows if r["writer"] == writer]
+            for writer in args.writers for name in ("save", "restore")},
+            "replicas", "extra allocator memory / model state",
             f"tf.train.Checkpoint, {args.params:.3g}-parameter Adam MLP, stage {args.stage}")
     if not all(r["identical"] for r in rows):
         sys.exit("a restored value differs from the saved one")

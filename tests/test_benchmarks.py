@@ -78,3 +78,9 @@ def test_max_model_quick(mode):
     out = run("max_model.py", "--budget-gib", "6", "--replicas", "2", "--steps", "0",
               "--start", "64", "--max-width", "128", "--modes", mode)
     assert f"{mode}: width 128" in out
+
+
+def test_checkpoint_quick():
+    out = run("checkpoint.py", "--params", "2e5", "--replicas", "2")
+    line = [line for line in out.splitlines() if line.startswith("N=2")][0]
+    assert "restored identical: True" in line and "save " in line and "restore " in line

@@ -15,6 +15,8 @@ import tensorflow as tf
 from conftest import zero_strategy
 from worker_procs import run_workers
 
+import tf_zero
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "multi_worker.py")
 sys.path.insert(0, os.path.dirname(EXAMPLE))
@@ -146,15 +148,17 @@ SLICED_RESUMES = [("adam:2", 1), ("adam:2", 3), ("adam:1", 2), ("lamb:2", 4)]
 
 @pytest.mark.parametrize("config, n", SLICED_RESUMES)
 def test_parallel_sharded_checkpoint_resumes_in_one_process(two_workers, config, n):
-    """tf_zero.Checkpoint on 2 workers: each wrote its own slices (two data
-    files, merged by the chief); restored here at another replica count, one
-    more epoch == 3 uninterrupted epochs."""
+    """tf_zero.Checkpoint on 2 workers: each wrote its own slices (a data file
+    each, merged by the chief); restored here by tf.train.Checkpoint at
+    another replica count, one more epoch == 3 uninterrupted epochs."""
     prefix = two_workers / "saved" / config.replace(":", "_") / "sharded"
     data = sorted(p.name for p in prefix.parent.iterdir() if p.name.startswith("sharded.data"))
     staging = [p.name for p in prefix.parent.iterdir() if ".staging-" in p.name]
     assert not staging  # removed after the publish
     if config.startswith("adam"):
-        assert data == ["sharded.data-00000-of-00002", "sharded.data-00001-of-00002"], data
+        # The chief's graph part, each worker's slices (one chunk each), the manifest.
+        assert data == [f"sharded.data-0000{i}-of-00004" for i in range(4)], data
+    tf_zero.checkpoint.check(str(prefix))  # sizes and hashes as recorded
     model = one_process_model(config, epochs=1, n=n, restore=str(prefix))
     assert int(model.optimizer.iterations.numpy()) == 3 * 4
     for got, ref in zip(model.get_weights(), one_process(config, epochs=3)):
@@ -166,6 +170,7 @@ def test_stage3_two_workers_match_one_process(tmp_path):
     configs = ["adam:3", "sgd:3:2"]
     status, out, pids = launch(["--workers", "2", "--devices-per-worker", "2", "--timeout", "280",
                                 EXAMPLE, "--epochs", "2", "--out", str(tmp_path),
+                                "--save", str(tmp_path / "saved"), "--save-configs", "adam:3",
                                 "--strategy-stage", "3", "--configs", *configs])
     assert status == 0, out[-4000:]
     assert_all_stopped(pids)
@@ -175,6 +180,12 @@ def test_stage3_two_workers_match_one_process(tmp_path):
         for a, b, ref in zip(w0, w1, reference):
             np.testing.assert_array_equal(a, b)  # both workers save the full weights
             np.testing.assert_allclose(a, ref, atol=1e-6, err_msg=config)
+    # The stage-3 state written by both workers (tf_zero.Checkpoint) resumes at
+    # stage 2 on 3 replicas: one more epoch == 3 uninterrupted epochs.
+    model = one_process_model("adam:2", epochs=1, n=3,
+                              restore=str(tmp_path / "saved" / "adam_3" / "sharded"))
+    for got, ref in zip(model.get_weights(), one_process("adam:2", epochs=3)):
+        np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
 def test_killed_worker_resumes_from_backup(tmp_path):

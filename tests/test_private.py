@@ -148,3 +148,38 @@ def test_stand_ins_in_a_graph_allocate_nothing():
         assert stand_in.path == like.path and stand_in.name == like.name
         assert tuple(stand_in.shape) == (3, 5) and stand_in.dtype == like.dtype
         assert not tf.executing_eagerly() and stand_in.value.graph is graph
+
+
+def test_sliced_saveables_restore_every_slice(tmp_path):
+    """TensorFlow's `_serialize_to_tensors` restore passes only the first slice
+    back; the SaveableObject path that tf_zero uses restores all, in order, and
+    `sliced_objects` finds such objects under the checkpoint's keys."""
+
+    class Sliced(_private.Trackable):
+        def __init__(self, specs, values):
+            self.specs, self.values, self.restored = specs, values, None
+
+        def checkpoint_slices(self):
+            return [(s, (lambda v=v: tf.constant(v)), tf.float32, "/cpu:0")
+                    for s, v in zip(self.specs, self.values)]
+
+        def restore_slices(self, restored):
+            self.restored = restored
+
+        def _gather_saveables_for_checkpoint(self):
+            return _private.sliced_saveables(self)
+
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    saved = Sliced(["4 6 0,1:3,3", "4 6 0,1:0,3", "4 6 1,3:-"], [x[:1, 3:], x[:1, :3], x[1:]])
+    root = tf.train.Checkpoint(s=saved)
+    assert _private.sliced_objects(root, lambda o: isinstance(o, Sliced)) == [
+        ("s/.ATTRIBUTES/VARIABLE_VALUE", saved)]
+    _private.serialize_only(root)  # reads, writes nothing
+    prefix = root.write(str(tmp_path / "c"))
+    restored = Sliced(["4 6 0,2:-", "4 6 2,2:-"], [x[:2], x[2:]])
+    tf.train.Checkpoint(s=restored).read(prefix).assert_consumed()
+    np.testing.assert_array_equal(restored.restored["4 6 0,2:-"], x[:2])
+    np.testing.assert_array_equal(restored.restored["4 6 2,2:-"], x[2:])
+    plain = tf.Variable(tf.zeros([4, 6]))
+    tf.train.Checkpoint(s=plain).read(prefix).assert_consumed()
+    np.testing.assert_array_equal(plain.numpy(), x)

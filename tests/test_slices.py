@@ -1,7 +1,9 @@
 """TensorFlow checkpoints of sharded slots hold each replica's pieces as slices."""
 
 import math
+import os
 import random
+import re
 
 import keras
 import numpy as np
@@ -111,3 +113,124 @@ def test_tf_zero_checkpoint_is_tf_checkpoint_in_one_process(tmp_path):
     tf_zero.Checkpoint(model=restored, optimizer=restored.optimizer).restore(path).assert_consumed()
     for a, b in zip(_state(restored), _state(model)):
         np.testing.assert_array_equal(a, b)
+
+
+def _data_files(prefix):
+    import glob
+
+    return sorted(glob.glob(str(prefix) + ".data-*"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A tf_zero.Checkpoint at N=4, and a second save of other values."""
+    path = tmp_path_factory.mktemp("sharded")
+    model = _trained(4)
+    prefix = tf_zero.Checkpoint(model=model, optimizer=model.optimizer).write(str(path / "a"))
+    x, y = regression_data()
+    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
+    other = tf_zero.Checkpoint(model=model, optimizer=model.optimizer).write(str(path / "b"))
+    return prefix, other, model
+
+
+def _fresh(n=2):
+    with zero_strategy(n).scope():
+        model = mlp(hidden=40)
+        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_tf_zero_checkpoint_writes_slices_in_chunks(written, monkeypatch, tmp_path):
+    prefix, _, _ = written
+    assert len(_data_files(prefix)) >= 3  # the graph part, slices, the manifest
+    model = _trained(4)
+    # Small chunks: one write per slice; the checkpoint reads back the same.
+    monkeypatch.setattr(tf_zero.checkpoint, "CHUNK_BYTES", 64)
+    small = tf_zero.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "s"))
+    assert len(_data_files(small)) > 10
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    for n in (1, 3):
+        restored = _fresh(n)
+        tf_zero.Checkpoint(model=restored, optimizer=restored.optimizer).read(small).assert_consumed()
+        for a, b in zip(_state(restored), _state(model)):
+            np.testing.assert_array_equal(a, b)
+
+
+def _unchanged_after(model, error, match, read):
+    before = _state(model)
+    with pytest.raises(error, match=match):
+        read()
+    for a, b in zip(_state(model), before):
+        np.testing.assert_array_equal(a, b)  # nothing was restored
+
+
+def _copy(prefix, to):
+    import shutil
+
+    for path in _data_files(prefix) + [str(prefix) + ".index"]:
+        shutil.copy(path, str(to) + path[len(str(prefix)):])
+    return str(to)
+
+
+def test_bad_checkpoints_are_refused_before_anything_is_restored(written, tmp_path):
+    prefix, other, _ = written
+    model = _fresh()
+
+    def read(path):
+        return lambda: tf_zero.Checkpoint(model=model, optimizer=model.optimizer).read(path)
+
+    # A missing data file.
+    missing = _copy(prefix, tmp_path / "missing")
+    victim = _data_files(missing)[1]
+    os.remove(victim)
+    _unchanged_after(model, FileNotFoundError, re.escape(victim), read(missing))
+    # A truncated data file.
+    truncated = _copy(prefix, tmp_path / "truncated")
+    victim = _data_files(truncated)[1]
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    _unchanged_after(model, ValueError, re.escape(victim) + ".*truncated", read(truncated))
+    # A data file of another save of the same model (same size, other values).
+    mixed = _copy(prefix, tmp_path / "mixed")
+    victim = _data_files(mixed)[1]
+    replacement = _data_files(other)[1]
+    assert os.path.getsize(victim) == os.path.getsize(replacement)
+    import shutil
+
+    shutil.copy(replacement, victim)
+    _unchanged_after(model, ValueError, re.escape(victim) + ".*another save", read(mixed))
+    # The checkpoint of another model.
+    with zero_strategy(2).scope():
+        wider = mlp(hidden=41)
+        wider.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+        wider.optimizer.build(wider.trainable_variables)
+    _unchanged_after(wider, ValueError, "another model", lambda: tf_zero.Checkpoint(
+        model=wider, optimizer=wider.optimizer).read(prefix))
+    # No checkpoint at all.
+    _unchanged_after(model, FileNotFoundError, "No checkpoint index", read(str(tmp_path / "none")))
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(written, monkeypatch, tmp_path):
+    _, _, model = written
+    checkpoint = tf_zero.Checkpoint(model=model, optimizer=model.optimizer)
+    prefix = checkpoint.write(str(tmp_path / "ckpt"))
+    files = {p: open(p, "rb").read() for p in _data_files(prefix) + [prefix + ".index"]}
+    x, y = regression_data()
+    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
+    real = tf.raw_ops.SaveV2
+    calls = []
+
+    def failing(**kwargs):
+        calls.append(kwargs["prefix"])
+        if len(calls) == 2:  # the second chunk of slices
+            raise OSError("disk full (simulated)")
+        return real(**kwargs)
+
+    monkeypatch.setattr(tf.raw_ops, "SaveV2", failing)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.write(str(tmp_path / "ckpt"))
+    monkeypatch.undo()
+    assert {p: open(p, "rb").read() for p in files} == files  # untouched
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in files)
+    tf_zero.checkpoint.check(prefix)

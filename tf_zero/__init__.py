@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "callbacks",
+    "Checkpoint",
     "estimate_memory",
     "GradientAccumulationOptimizer",
     "is_sharded",

@@ -76,23 +76,33 @@ class UnshardedSlot(SlotFace):
         return _private.sliced_saveables(self)
 
     def checkpoint_slices(self):
-        """(spec, read, dtype, device) of each slice this worker saves or restores.
-
-        The slices of this worker's pieces; under several workers, unless
-        `tf_zero.checkpoint.Checkpoint` is writing (each worker its own
-        slices), the full value, gathered (every worker joins; the chief's
-        file is complete, as TensorFlow's own multi-worker saving expects).
-        """
-        if (_private.in_multi_worker_mode(self._shards.strategy)
-                and not slices.writing_local_slices()):
+        """(spec, read, dtype, device) of each slice TensorFlow's saver saves or
+        restores: this worker's pieces; none while `tf_zero.checkpoint`
+        handles them (`slices.deferred()`); under several workers otherwise,
+        the full value, gathered (every worker joins, and the chief's file is
+        complete, as TensorFlow's multi-worker saving expects)."""
+        if slices.deferred():
+            return []
+        if _private.in_multi_worker_mode(self._shards.strategy):
             return [("", self.value(), None, None)]
+        return self.local_slices()
+
+    @property
+    def storage_dtype(self) -> tf.DType:
+        """The dtype the slot is stored (and checkpointed) in."""
+        return tf.as_dtype(
+            self._bucket_slot(self._shards.plan.variable_segments(self._index)[0][0]).dtype)
+
+    def local_slices(self):
+        """(spec, read, dtype, device) of the slices of this worker's pieces."""
         return [(s.spec, functools.partial(_read_slice, comp, piece.offset + s.flat_start - piece.start, s),
                  comp.dtype, comp.device)
                 for comp, piece in self._local_pieces()
                 for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size)]
 
     def restore_slices(self, restored: dict) -> None:
-        """Writes restored slices ({spec: tensor}) into this worker's pieces."""
+        """Writes restored slices ({spec: tensor}, or {"": full value}) into this
+        worker's pieces; pieces whose slices are not given are left as they are."""
         full = restored.get("")
         if full is not None:
             self.check_shape(full)  # a whole tensor: the restore op did not compare shapes
@@ -101,8 +111,12 @@ class UnshardedSlot(SlotFace):
             # Each slice straight into its place in the shard: no joined copy.
             for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size):
                 lo = piece.offset + s.flat_start - piece.start
-                value = (restored[s.spec] if s.spec in restored
-                         else full[s.flat_start:s.flat_start + s.size])
+                if s.spec in restored:
+                    value = restored[s.spec]
+                elif full is not None:
+                    value = full[s.flat_start:s.flat_start + s.size]
+                else:
+                    continue
                 with tf.device(comp.device):
                     comp[lo:lo + s.size].assign(tf.cast(tf.reshape(value, [-1]), comp.dtype))
 

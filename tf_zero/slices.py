@@ -107,18 +107,27 @@ def _rectangles(shape, start, stop):
 _state = threading.local()
 
 
-def writing_local_slices() -> bool:
-    """True while a multi-worker checkpoint is written by every worker, each
-    its own slices (`tf_zero.checkpoint.Checkpoint`)."""
-    return getattr(_state, "local", False)
+def deferred() -> bool:
+    """True while `tf_zero.checkpoint.Checkpoint` saves or restores the slices
+    itself: TensorFlow's saver then records sliced entries without data."""
+    return getattr(_state, "deferred", False)
 
 
 @contextlib.contextmanager
-def local_slices():
-    """Sharded state saves only this worker's slices, even under several workers."""
-    previous = writing_local_slices()
-    _state.local = True
+def deferring():
+    """Sliced state gives TensorFlow's saver no slices (`deferred()`)."""
+    previous = deferred()
+    _state.deferred = True
     try:
         yield
     finally:
-        _state.local = previous
+        _state.deferred = previous
+
+
+def spec_size(spec: str, shape) -> int:
+    """Number of elements of the slice `spec` ("" is the whole tensor) of `shape`."""
+    if not spec:
+        return math.prod(int(d) for d in shape)
+    ranges = spec.split(" ")[-1].split(":")
+    return math.prod(int(d) if r == "-" else int(r.split(",")[1])
+                     for r, d in zip(ranges, shape))

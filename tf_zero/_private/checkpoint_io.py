@@ -8,9 +8,8 @@ their restore passes only the first slice back to `_restore_from_tensors`
 and is what partitioned variables used; a sliced state object answers
 `_gather_saveables_for_checkpoint` with `sliced_saveables(self)`.
 
-`local_serialized_slices` lists what a checkpoint of a root object would
-write for such objects only, under the checkpoint keys of that root: a
-worker that writes only its own slices of a multi-worker checkpoint.
+`sliced_objects` finds such objects under a root with their checkpoint keys,
+so that a writer can save or restore their slices itself, a few at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import tensorflow as tf
 from tensorflow.python.checkpoint import checkpoint as _checkpoint
 from tensorflow.python.checkpoint import graph_view as _graph_view
 from tensorflow.python.checkpoint import save_util as _save_util
+from tensorflow.python.trackable import trackable_utils as _trackable_utils
 from tensorflow.python.training.saving import saveable_object as _saveable_object
 
 from tf_zero._private.keras_optimizer import VARIABLE_VALUE_KEY
@@ -38,6 +38,8 @@ class _SlicedSaveable(_saveable_object.SaveableObject):
         self._owner = owner
         specs = [_saveable_object.SaveSpec(read, spec, name, dtype=dtype, device=device)
                  for spec, read, dtype, device in owner.checkpoint_slices()]
+        # Zero specs (the slices are written or read by tf_zero.checkpoint
+        # itself): the object graph still records the entry.
         super().__init__(owner, specs, name)
 
     def restore(self, restored_tensors, restored_shapes=None):
@@ -52,22 +54,21 @@ def sliced_saveables(owner) -> dict:
     return {VARIABLE_VALUE_KEY: functools.partial(_SlicedSaveable, owner)}
 
 
-def local_serialized_slices(root, is_sliced) -> list[tuple[str, str, tf.Tensor]]:
-    """(checkpoint key, slice spec, tensor) of every object `is_sliced(obj)` under
-    `root`, as `tf.train.Checkpoint(root).write` would save them."""
-    serialized = _save_util.serialize_graph_view(_graph_view.ObjectGraphView(root))[0]
-    out = []
-    for trackable, tensors in serialized.items():
-        if not is_sliced(getattr(trackable, "obj", trackable)):
-            continue
-        for key, slices in tensors.items():
-            if not isinstance(slices, dict):
-                slices = {"": slices}
-            for spec, tensor in slices.items():
-                if isinstance(tensor, _saveable_object.SaveSpec):
-                    tensor = tensor.tensor  # a callable's value
-                out.append((key, spec, tensor))
-    return out
+def sliced_objects(root, is_sliced) -> list[tuple[str, object]]:
+    """(checkpoint key, object) of every object `is_sliced(obj)` under `root`, in
+    the order a checkpoint of `root` lists them, found without serializing
+    anything (no value is read, no collective runs)."""
+    objects, paths = _graph_view.ObjectGraphView(root).breadth_first_traversal()
+    return [(_trackable_utils.checkpoint_key(_trackable_utils.object_path_to_string(paths[obj]),
+                                             VARIABLE_VALUE_KEY), obj)
+            for obj in objects if is_sliced(obj)]
+
+
+def serialize_only(root) -> None:
+    """Serializes `root` as `tf.train.Checkpoint(root).write` would, writing
+    nothing: a worker whose file would be discarded still joins the
+    collectives that reading gathered state runs, in the same order."""
+    _save_util.serialize_graph_view(_graph_view.ObjectGraphView(root))
 
 
 def run_write_callbacks(options, save_path) -> None:
