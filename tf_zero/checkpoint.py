@@ -14,9 +14,9 @@ the chief's file counts) makes every slot gather to every worker.
 1. the chief picks a staging directory beside the target (through the job's
    key-value store under several workers);
 2. TensorFlow's saver writes, on the chief, the object graph and the
-   replicated variables, with the sliced entries recorded but empty (state
-   that is still gathered, the whole-partition slots and stage-3 weights,
-   is read collectively there, every worker joining);
+   replicated variables, with the sliced entries (the element split's slots,
+   stage-3 weights) recorded but empty; state that is still gathered, the
+   whole-partition slots, is read collectively there, every worker joining;
 3. every worker writes its own slices into parts of its own, at most
    `CHUNK_BYTES` of them per write (no worker sends a shard to another),
    and hashes what it wrote;
@@ -43,6 +43,10 @@ shards land in the chief's checkpoint either way.
 
 Keras' single-file formats (`.weights.h5`, `.keras`) hold full tensors by
 definition: saving one assembles each slot on the host (`tf_zero.saving`).
+For a plain Keras file from a sharded checkpoint, read one tensor at a time:
+
+    python -m tf_zero.checkpoint consolidate CKPT OUT.weights.h5 --model factory.py:make
+    python -m tf_zero.checkpoint check CKPT
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ import tensorflow as tf
 
 from tf_zero import _private, saving, slices
 from tf_zero.sharded_state import UnshardedSlot
+from tf_zero.sharded_variable import is_sharded
 
 CHUNK_BYTES = 8 * 2**20
 """Most bytes of slices one write or read handles (one bucket by default)."""
@@ -68,7 +73,13 @@ _saves = itertools.count()
 
 
 def _is_sliced(obj) -> bool:
-    return isinstance(obj, UnshardedSlot)
+    return isinstance(obj, UnshardedSlot) or is_sharded(obj)
+
+
+def _sliced(obj):
+    """The object that saves and restores `obj`'s slices: a slot's face, or a
+    stage-3 weight's `ShardedVariable`."""
+    return obj if isinstance(obj, UnshardedSlot) else _private.sharded_storage(obj)
 
 
 def strategy_of(root):
@@ -114,8 +125,10 @@ class Checkpoint(tf.train.Checkpoint):
         if strategy is None:
             return restore(save_path, options=options)
         save_path = os.fspath(save_path)
-        entries = _private.sliced_objects(self, _is_sliced)
-        check(save_path, entries)
+        check(save_path)
+        entries = [(key, _sliced(obj))
+                   for key, obj in _private.matched_objects(self, save_path, _is_sliced)]
+        check(save_path, entries, files=False)
         with slices.deferring():
             status = restore(save_path, options=options)
         _read_slices(save_path, entries)
@@ -148,8 +161,8 @@ def _write(checkpoint, strategy, file_prefix, options):
                 tf.train.Checkpoint._write(checkpoint, os.path.join(staging, "part-00000-graph"),
                                            options=part_options)
             else:
-                # Gathered state (whole-partition slots, stage-3 weights) is
-                # read collectively: join the chief's reads, write nothing.
+                # Gathered state (whole-partition slots) is read
+                # collectively: join the chief's reads, write nothing.
                 _private.serialize_only(checkpoint)
         parts = _write_own_slices(checkpoint, os.path.join(staging, f"part-{worker:05d}"))
         if multi:
@@ -209,8 +222,9 @@ def _slice_bytes(dtype, spec, shape):
 
 def _write_own_slices(checkpoint, prefix) -> list:
     """Writes this worker's slices, a chunk per part; returns [(part, size, sha256)]."""
-    entries = [(key, obj, *s) for key, obj in _private.sliced_objects(checkpoint, _is_sliced)
-               for s in obj.local_slices()]
+    entries = [(key, _sliced(obj), *s)
+               for key, obj in _private.sliced_objects(checkpoint, _is_sliced)
+               for s in _sliced(obj).local_slices()]
     parts = []
     for i, chunk in enumerate(_chunks(entries, lambda e: _slice_bytes(e[4], e[2], e[1].shape))):
         part = f"{prefix}-{i:05d}"
@@ -259,13 +273,13 @@ def _merge_and_publish(staging, target, parts):
 # -- reading --------------------------------------------------------------
 
 
-def check(save_path, entries=()) -> None:
+def check(save_path, entries=(), files=True) -> None:
     """Checks a checkpoint before anything is restored from it.
 
     Every data file must exist; where the checkpoint has a tf_zero manifest,
-    with the size and SHA-256 recorded at save. Every sliced entry of
-    `entries` ([(key, object)]) must be there with the object's shape and
-    dtype.
+    with the size and SHA-256 recorded at save (unless `files` is false).
+    Every sliced entry of `entries` ([(key, object)]) must be there with the
+    object's shape and dtype.
 
     Raises:
         FileNotFoundError: the index or a data file is missing (named).
@@ -278,7 +292,7 @@ def check(save_path, entries=()) -> None:
     reader = tf.train.load_checkpoint(save_path)
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
-    if MANIFEST_KEY in shapes:
+    if files and MANIFEST_KEY in shapes:
         files = json.loads(reader.get_tensor(MANIFEST_KEY))["data_files"]
         count = len(files) + 1  # the manifest's own data file is the last
         for i, recorded in enumerate(files):
@@ -295,14 +309,15 @@ def check(save_path, entries=()) -> None:
                     f"bytes, {recorded['sha256'][:12]}...): it is truncated, damaged or from "
                     "another save. Nothing was restored; restore a complete checkpoint.")
     for key, obj in entries:
+        obj_shape = tuple(obj.shape)
         if key not in shapes:
             raise ValueError(
                 f"Checkpoint {save_path} has no {key} ({obj.name}): it is the checkpoint of "
                 "another model or optimizer. Nothing was restored.")
-        if tuple(shapes[key]) != tuple(obj.shape) or tf.as_dtype(dtypes[key]) != obj.storage_dtype:
+        if tuple(shapes[key]) != obj_shape or tf.as_dtype(dtypes[key]) != obj.storage_dtype:
             raise ValueError(
                 f"Checkpoint {save_path} holds {key} with shape {tuple(shapes[key])} and "
-                f"dtype {tf.as_dtype(dtypes[key]).name}, but {obj.name} has shape {tuple(obj.shape)} and "
+                f"dtype {tf.as_dtype(dtypes[key]).name}, but {obj.name} has shape {obj_shape} and "
                 f"dtype {obj.storage_dtype.name}: it is the checkpoint of another model or "
                 "optimizer. Nothing was restored.")
 
@@ -322,3 +337,100 @@ def _read_slices(save_path, entries) -> None:
         for obj, restored in by_object.values():
             obj.restore_slices(restored)
         del values, by_object
+
+
+# -- a plain Keras file from a checkpoint ---------------------------------
+
+
+def load_model_factory(spec: str):
+    """A Keras model from `spec`: a `.keras` file, or `module:function` /
+    `path/to/file.py:function` returning a built model."""
+    import importlib
+    import importlib.util
+
+    import keras
+
+    if spec.endswith(".keras"):
+        return keras.models.load_model(spec, compile=False)
+    module_name, _, function = spec.rpartition(":")
+    if not module_name or not function:
+        raise ValueError(f"--model {spec!r}: expected a .keras file, module:function or "
+                         "file.py:function.")
+    if module_name.endswith(".py"):
+        loader = importlib.util.spec_from_file_location("tf_zero_model_factory", module_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, function)()
+
+
+def consolidate(save_path, output, model, root="model") -> int:
+    """Writes the weights of `model` found in checkpoint `save_path` (saved as
+    `Checkpoint(**{root: model, ...})`) to a Keras `.weights.h5` file, reading
+    one tensor at a time: memory holds the model and one tensor.
+
+    Returns the number of weights written.
+
+    Raises:
+        ValueError: `output` is not a `.weights.h5` path, or the checkpoint
+            lacks a weight of `model` or holds it with another shape (named).
+    """
+    import keras
+
+    if not str(output).endswith(".weights.h5"):
+        raise ValueError(f"{output}: the output must be a .weights.h5 file.")
+    check(save_path)
+    reader = tf.train.load_checkpoint(save_path)
+    shapes = reader.get_variable_to_shape_map()
+    entries = _private.matched_objects(tf.train.Checkpoint(**{root: model}), save_path,
+                                       lambda o: isinstance(o, keras.Variable))
+    if len(entries) != len(model.weights):
+        found = {id(v) for _, v in entries}
+        missing = [w.path for w in model.weights if id(w) not in found]
+        raise ValueError(f"Checkpoint {save_path} holds no value for {', '.join(missing[:5])}: "
+                         f"it was not saved as Checkpoint({root}=<this model>, ...).")
+    for key, variable in entries:
+        if tuple(shapes[key]) != tuple(variable.shape):
+            raise ValueError(f"Checkpoint {save_path} holds {key} with shape "
+                             f"{tuple(shapes[key])}, but {variable.path} has shape "
+                             f"{tuple(variable.shape)}: another model.")
+    for key, variable in entries:
+        with tf.device("/cpu:0"):
+            value = tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[key],
+                                         shape_and_slices=[""], dtypes=[variable.dtype])[0]
+        variable.assign(value)
+        del value
+    model.save_weights(str(output))
+    return len(entries)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tf_zero.checkpoint",
+                                     description="Tools for tf_zero checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="write a checkpoint's model weights as one Keras "
+                       ".weights.h5 file, one tensor at a time")
+    c.add_argument("checkpoint", help="checkpoint prefix (e.g. ckpt/ckpt-3)")
+    c.add_argument("output", help="the .weights.h5 file to write")
+    c.add_argument("--model", required=True,
+                   help="the model: a .keras file, module:function or file.py:function")
+    c.add_argument("--root", default="model",
+                   help="the name the model was saved under: Checkpoint(model=...) (default)")
+    k = sub.add_parser("check", help="check that every data file is present, complete and "
+                       "of this save")
+    k.add_argument("checkpoint", help="checkpoint prefix")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        check(args.checkpoint)
+        print(f"{args.checkpoint}: complete")
+        return 0
+    count = consolidate(args.checkpoint, args.output, load_model_factory(args.model), args.root)
+    print(f"wrote {count} weights to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -95,7 +95,7 @@ class UnshardedSlot(SlotFace):
 
     def local_slices(self):
         """(spec, read, dtype, device) of the slices of this worker's pieces."""
-        return [(s.spec, functools.partial(_read_slice, comp, piece.offset + s.flat_start - piece.start, s),
+        return [(s.spec, functools.partial(read_slice, comp, piece.offset + s.flat_start - piece.start, s),
                  comp.dtype, comp.device)
                 for comp, piece in self._local_pieces()
                 for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size)]
@@ -166,7 +166,7 @@ class UnshardedSlot(SlotFace):
                             tf.cast(flat[p.start:p.start + p.size], comp.dtype))
 
 
-def _read_slice(component, offset, piece_slice):
+def read_slice(component, offset, piece_slice):
     """One checkpoint slice, read from a replica's shard without a copy."""
     with tf.device(component.device):
         flat = component.read_value()[offset:offset + piece_slice.size]

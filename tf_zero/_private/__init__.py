@@ -57,7 +57,7 @@ from tf_zero._private.distribute import (  # noqa: E402
     raw_all_to_all, raw_reduce_scatter, sharded_storage, strategy_of, tf_variable,
     worker_count, worker_index, local_variable_creator, unique_id, is_composite_tensor, export_to_saved_model_graph, write_object_proto)
 from tf_zero._private.checkpoint_io import (  # noqa: E402
-    run_write_callbacks, serialize_only, sliced_objects, sliced_saveables)
+    matched_objects, run_write_callbacks, serialize_only, sliced_objects, sliced_saveables)
 from tf_zero._private.keras_layers import (  # noqa: E402
     added_loss_count, autocast_dtype, autocast_scope, layer_adding_weight,
     own_trainable_variables)

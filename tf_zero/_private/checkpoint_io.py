@@ -8,8 +8,10 @@ their restore passes only the first slice back to `_restore_from_tensors`
 and is what partitioned variables used; a sliced state object answers
 `_gather_saveables_for_checkpoint` with `sliced_saveables(self)`.
 
-`sliced_objects` finds such objects under a root with their checkpoint keys,
-so that a writer can save or restore their slices itself, a few at a time.
+`sliced_objects` finds such objects under a root with the checkpoint keys a
+save of that root gives them, and `matched_objects` with the keys a saved
+checkpoint holds them under, so that tf_zero can write and read their slices
+itself, a few at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2 as _object_graph_pb2
 from tensorflow.python.checkpoint import checkpoint as _checkpoint
 from tensorflow.python.checkpoint import graph_view as _graph_view
 from tensorflow.python.checkpoint import save_util as _save_util
@@ -62,6 +65,33 @@ def sliced_objects(root, is_sliced) -> list[tuple[str, object]]:
     return [(_trackable_utils.checkpoint_key(_trackable_utils.object_path_to_string(paths[obj]),
                                              VARIABLE_VALUE_KEY), obj)
             for obj in objects if is_sliced(obj)]
+
+
+def matched_objects(root, save_path, is_wanted) -> list[tuple[str, object]]:
+    """(checkpoint key, object) of every object `is_wanted(obj)` under `root`
+    that checkpoint `save_path` holds a value for, matched as TensorFlow's
+    restore matches them: the saved object graph and the live objects walked
+    together from the root, child by child name. (A key is one path to the
+    object in the graph it was saved from, so the same object can have
+    another key in a checkpoint of another root.)"""
+    graph = _object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(tf.train.load_checkpoint(save_path).get_tensor(
+        "_CHECKPOINTABLE_OBJECT_GRAPH"))
+    view = _graph_view.ObjectGraphView(root)
+    found, seen, queue = [], {0}, [(0, root)]
+    while queue:
+        node_id, obj = queue.pop(0)
+        node = graph.nodes[node_id]
+        if is_wanted(obj):
+            keys = [a.checkpoint_key for a in node.attributes if a.name == VARIABLE_VALUE_KEY]
+            if keys:
+                found.append((keys[0], obj))
+        live = {child.name: child.ref for child in view.list_children(obj)}
+        for child in node.children:
+            if child.local_name in live and child.node_id not in seen:
+                seen.add(child.node_id)
+                queue.append((child.node_id, live[child.local_name]))
+    return found
 
 
 def serialize_only(root) -> None:
