@@ -35,6 +35,16 @@ def test_flat_slices_cover_the_run_in_order(shape):
         flat_slices(shape, 0, n + 1)
 
 
+def test_specs_parse_back_and_runs_split():
+    from tf_zero.slices import parse_spec, split_run
+
+    for a, b in [(3, 20), (0, 24), (6, 12), (23, 24)]:
+        for piece in flat_slices((4, 6), a, b):
+            assert parse_spec(piece.spec, (4, 6)) == (piece.flat_start, piece.size)
+    assert split_run(5, 17, 5) == [(5, 10), (10, 15), (15, 17)]
+    assert split_run(5, 17, None) == [(5, 17)]
+
+
 def test_slice_spec_format():
     (first, rows, last) = flat_slices((4, 6), 3, 20)
     assert (first.spec, rows.spec, last.spec) == ("4 6 0,1:3,3", "4 6 1,2:-", "4 6 3,1:0,2")

@@ -224,7 +224,7 @@ def _write_own_slices(checkpoint, prefix) -> list:
     """Writes this worker's slices, a chunk per part; returns [(part, size, sha256)]."""
     entries = [(key, _sliced(obj), *s)
                for key, obj in _private.sliced_objects(checkpoint, _is_sliced)
-               for s in _sliced(obj).local_slices()]
+               for s in _sliced(obj).local_slices(_max_elements(_sliced(obj)))]
     parts = []
     for i, chunk in enumerate(_chunks(entries, lambda e: _slice_bytes(e[4], e[2], e[1].shape))):
         part = f"{prefix}-{i:05d}"
@@ -322,21 +322,30 @@ def check(save_path, entries=(), files=True) -> None:
                 "optimizer. Nothing was restored.")
 
 
+def _max_elements(obj) -> int:
+    return max(1, CHUNK_BYTES // obj.storage_dtype.size)
+
+
 def _read_slices(save_path, entries) -> None:
     """Reads this worker's slices of `entries`, `CHUNK_BYTES` at a time."""
     wanted = [(key, obj, spec, dtype) for key, obj in entries
-              for spec, _, dtype, _ in obj.local_slices()]
+              for spec, _, dtype, _ in obj.local_slices(_max_elements(obj))]
     for chunk in _chunks(wanted, lambda e: _slice_bytes(e[3], e[2], e[1].shape)):
-        with tf.device("/cpu:0"):
-            values = tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
-                                          shape_and_slices=[e[2] for e in chunk],
-                                          dtypes=[e[3] for e in chunk])
-        by_object = {}
-        for (key, obj, spec, _), value in zip(chunk, values):
-            by_object.setdefault(id(obj), (obj, {}))[1][spec] = value
-        for obj, restored in by_object.values():
-            obj.restore_slices(restored)
-        del values, by_object
+        _read_chunk(save_path, chunk)
+
+
+def _read_chunk(save_path, chunk) -> None:
+    """One restore op for `chunk`'s slices, written into their shards (its
+    tensors die with this call)."""
+    with tf.device("/cpu:0"):
+        values = tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
+                                      shape_and_slices=[e[2] for e in chunk],
+                                      dtypes=[e[3] for e in chunk])
+    by_object = {}
+    for (_, obj, spec, _), value in zip(chunk, values):
+        by_object.setdefault(id(obj), (obj, {}))[1][spec] = value
+    for obj, restored in by_object.values():
+        obj.restore_slices(restored)
 
 
 # -- a plain Keras file from a checkpoint ---------------------------------

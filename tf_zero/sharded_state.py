@@ -93,32 +93,23 @@ class UnshardedSlot(SlotFace):
         return tf.as_dtype(
             self._bucket_slot(self._shards.plan.variable_segments(self._index)[0][0]).dtype)
 
-    def local_slices(self):
-        """(spec, read, dtype, device) of the slices of this worker's pieces."""
-        return [(s.spec, functools.partial(read_slice, comp, piece.offset + s.flat_start - piece.start, s),
-                 comp.dtype, comp.device)
-                for comp, piece in self._local_pieces()
-                for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size)]
+    def local_runs(self):
+        """(component, first element, elements, offset in the shard) of each
+        piece of this slot on this worker's replicas."""
+        return [(comp, piece.start, piece.size, piece.offset)
+                for comp, piece in self._local_pieces()]
+
+    def local_slices(self, max_elements=None):
+        """(spec, read, dtype, device) of the slices of this worker's pieces,
+        each piece split into runs of at most `max_elements` first."""
+        return local_slices(self.local_runs(), self.shape, max_elements)
 
     def restore_slices(self, restored: dict) -> None:
         """Writes restored slices ({spec: tensor}, or {"": full value}) into this
         worker's pieces; pieces whose slices are not given are left as they are."""
-        full = restored.get("")
-        if full is not None:
-            self.check_shape(full)  # a whole tensor: the restore op did not compare shapes
-            full = tf.reshape(full, [-1])
-        for comp, piece in self._local_pieces():
-            # Each slice straight into its place in the shard: no joined copy.
-            for s in slices.flat_slices(self.shape, piece.start, piece.start + piece.size):
-                lo = piece.offset + s.flat_start - piece.start
-                if s.spec in restored:
-                    value = restored[s.spec]
-                elif full is not None:
-                    value = full[s.flat_start:s.flat_start + s.size]
-                else:
-                    continue
-                with tf.device(comp.device):
-                    comp[lo:lo + s.size].assign(tf.cast(tf.reshape(value, [-1]), comp.dtype))
+        if "" in restored:
+            self.check_shape(restored[""])  # a whole tensor: the restore op did not compare shapes
+        write_slices(self.local_runs(), self.shape, restored)
 
     # -- reading ----------------------------------------------------------
 
@@ -164,6 +155,49 @@ class UnshardedSlot(SlotFace):
                     if p.variable == self._index:
                         comp[p.offset:p.offset + p.size].assign(
                             tf.cast(flat[p.start:p.start + p.size], comp.dtype))
+
+
+def local_slices(runs, shape, max_elements=None) -> list:
+    """(spec, read, dtype, device) of every checkpoint slice of `runs`
+    ([(component, first element, elements, offset in the component)])."""
+    out = []
+    for comp, start, size, offset in runs:
+        for a, b in slices.split_run(start, start + size, max_elements):
+            for s in slices.flat_slices(shape, a, b):
+                out.append((s.spec, functools.partial(read_slice, comp, offset + s.flat_start - start, s),
+                            comp.dtype, comp.device))
+    return out
+
+
+def write_slices(runs, shape, restored: dict) -> None:
+    """Writes restored slices ({spec: tensor}; "" for the whole tensor) into the
+    parts of `runs` they cover, each straight into its place: no joined copy."""
+    for spec, value in restored.items():
+        if not spec:
+            flat = tf.reshape(value, [-1])
+            for comp, start, size, offset in runs:
+                write_run(comp, offset, flat[start:start + size])
+            continue
+        first, count = slices.parse_spec(spec, shape)
+        for comp, start, size, offset in runs:
+            if start <= first and first + count <= start + size:
+                write_run(comp, offset + first - start, value)
+                break
+        else:
+            raise ValueError(f"checkpoint slice {spec!r} is not within this worker's pieces")
+
+
+def write_run(component, offset, value) -> None:
+    """Writes `value`, flattened, into `component[offset:]` in place.
+
+    (`component[a:b].assign(...)` reads the variable first, and the read keeps
+    its buffer shared: TensorFlow then copies the whole variable to write.)
+    """
+    value = tf.reshape(value, [-1])
+    with tf.device(component.device):
+        tf.raw_ops.ResourceStridedSliceAssign(
+            ref=component.handle, begin=[offset], end=[offset + int(value.shape[0])],
+            strides=[1], value=tf.cast(value, component.dtype))
 
 
 def read_slice(component, offset, piece_slice):

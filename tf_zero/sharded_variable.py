@@ -17,7 +17,6 @@ window (`tf_zero.prefetch`) gives it.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -25,7 +24,7 @@ import tensorflow as tf
 
 from tf_zero import _private, collectives, prefetch, slices
 from tf_zero.flat import dense_flat
-from tf_zero.sharded_state import gather_components, read_slice
+from tf_zero.sharded_state import gather_components, local_slices, write_slices
 
 
 def in_replica_context_of(strategy):
@@ -248,33 +247,25 @@ class ShardedVariable:
     def storage_dtype(self) -> tf.DType:
         return tf.as_dtype(self.shard.dtype)
 
-    def _local_runs(self):
-        """(component, first element, end) of each local replica's unpadded shard."""
+    def local_runs(self):
+        """(component, first element, elements, 0) of each local replica's
+        unpadded shard."""
+        runs = []
         ranks = _private.local_replica_ranks(self._strategy)
         for rank, comp in zip(ranks, _private.components(self.shard)):
             lo = rank * self.shard_size
             hi = min(lo + self.shard_size, self.size)
             if lo < hi:
-                yield comp, lo, hi
+                runs.append((comp, lo, hi - lo, 0))
+        return runs
 
-    def local_slices(self):
+    def local_slices(self, max_elements=None):
         """(spec, read, dtype, device) of the slices of this worker's shards."""
-        shape = tuple(self._shape.as_list())
-        return [(s.spec, functools.partial(read_slice, comp, s.flat_start - lo, s),
-                 comp.dtype, comp.device)
-                for comp, lo, hi in self._local_runs()
-                for s in slices.flat_slices(shape, lo, hi)]
+        return local_slices(self.local_runs(), tuple(self._shape.as_list()), max_elements)
 
     def restore_slices(self, restored: dict) -> None:
         """Writes restored slices ({spec: tensor}) into this worker's shards."""
-        shape = tuple(self._shape.as_list())
-        for comp, lo, hi in self._local_runs():
-            for s in slices.flat_slices(shape, lo, hi):
-                if s.spec in restored:
-                    with tf.device(comp.device):
-                        start = s.flat_start - lo
-                        comp[start:start + s.size].assign(
-                            tf.cast(tf.reshape(restored[s.spec], [-1]), comp.dtype))
+        write_slices(self.local_runs(), tuple(self._shape.as_list()), restored)
 
     def _restore_from_tensors(self, restored_tensors):
         self.assign(restored_tensors[_private.VARIABLE_VALUE_KEY])

@@ -131,3 +131,22 @@ def spec_size(spec: str, shape) -> int:
     ranges = spec.split(" ")[-1].split(":")
     return math.prod(int(d) if r == "-" else int(r.split(",")[1])
                      for r, d in zip(ranges, shape))
+
+
+def parse_spec(spec: str, shape) -> tuple[int, int]:
+    """(flat start, elements) of the rectangle `spec` of a tensor of `shape`,
+    a slice `flat_slices` made: its elements are one flat run."""
+    shape = tuple(int(d) for d in shape)
+    if not spec:
+        return 0, math.prod(shape)
+    begin = [0 if r == "-" else int(r.split(",")[0]) for r in spec.split(" ")[-1].split(":")]
+    start = 0
+    for b, d in zip(begin, shape):
+        start = start * d + b
+    return start, spec_size(spec, shape)
+
+
+def split_run(start: int, stop: int, max_elements: int | None):
+    """`[start, stop)` in consecutive runs of at most `max_elements` (all of it if None)."""
+    step = max(1, int(max_elements)) if max_elements else stop - start
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
