@@ -177,7 +177,7 @@ def _write(checkpoint, strategy, file_prefix, options):
                     parts = [p for w in range(_private.worker_count(strategy))
                              for p in json.loads(_kv_get(f"{key}/parts/{w}", "report its parts"))]
                 _merge_and_publish(staging, target, parts)
-                _private.run_write_callbacks(options, target)
+                _private.run_write_callbacks(options, file_prefix)
         except Exception as e:  # noqa: BLE001
             error = error or e
         finally:
@@ -190,7 +190,7 @@ def _write(checkpoint, strategy, file_prefix, options):
         raise RuntimeError(
             f"Writing checkpoint {file_prefix} failed on another worker (see its log); "
             "nothing was published and the previous checkpoint is intact.")
-    return target if chief else file_prefix
+    return file_prefix  # as given, as TensorFlow's saver returns it
 
 
 def _kv_get(key, what):
