@@ -121,13 +121,16 @@ def child(n, params, stage, directory, phase, writer):
         make = tf_zero.Checkpoint
     else:
         make = tf.train.Checkpoint
-    if phase == "save":
-        gc.collect()
-        with Measured() as m:
+    h5 = prefix + ".weights.h5"
+    gc.collect()
+    with Measured() as m:
+        if writer == "keras" and phase == "save":
+            model.save_weights(h5)
+        elif writer == "keras":
+            model.load_weights(h5)
+        elif phase == "save":
             make(model=model, optimizer=model.optimizer).write(prefix)
-    else:
-        gc.collect()
-        with Measured() as m:
+        else:
             make(model=model, optimizer=model.optimizer).read(prefix).assert_consumed()
     values = model.get_weights() + [np.asarray(v.numpy()) for v in model.optimizer.variables]
     size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
@@ -146,8 +149,8 @@ def main():
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--writers", nargs="+", default=["tf", "tf_zero"],
-                        choices=["tf", "tf_zero"],
-                        help="tf.train.Checkpoint and/or tf_zero.Checkpoint")
+                        choices=["tf", "tf_zero", "keras"],
+                        help="tf.train.Checkpoint, tf_zero.Checkpoint, Keras' .weights.h5")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -168,7 +171,8 @@ def main():
         for name, m in (("save", save), ("restore", restore)):
             r[name] = {k: m[k] for k in ("seconds", "rss_extra_mib", "tf_extra_mib")}
         rows.append(r)
-        label = "tf.train.Checkpoint" if writer == "tf" else "tf_zero.Checkpoint"
+        label = {"tf": "tf.train.Checkpoint", "tf_zero": "tf_zero.Checkpoint",
+                 "keras": "model.save_weights"}[writer]
         print(f"{label} N={n}: state {state:.0f} MiB, file {r['file_mib']:.0f} MiB | " + " | ".join(
             f"{name} {r[name]['seconds']:.2f} s, extra RSS {r[name]['rss_extra_mib']:.0f} MiB "
             f"(x{r[name]['rss_extra_mib'] / state:.2f}), TensorFlow's allocator "
