@@ -56,6 +56,15 @@ def _strategy(n, stage):
     return zero_strategy(n)
 
 
+def _fresh(n=2, stage=2, hidden=40):
+    """A compiled, built, untrained model: the target of a restore."""
+    with _strategy(n, stage).scope():
+        model = mlp(hidden=hidden)
+        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+    return model
+
+
 def _trained(n, stage=2):
     with _strategy(n, stage).scope():
         model = mlp(hidden=40)
@@ -64,6 +73,16 @@ def _trained(n, stage=2):
     x, y = regression_data()
     model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
     return model
+
+
+def _assert_plain_keras_restores(prefix, saved):
+    """A plain Keras model and optimizer, no strategy, read `prefix` as `saved`."""
+    plain = mlp(hidden=40)
+    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    plain.optimizer.build(plain.trainable_variables)
+    tf.train.Checkpoint(model=plain, optimizer=plain.optimizer).read(prefix).assert_consumed()
+    for a, b in zip(_state(plain), saved):
+        np.testing.assert_array_equal(a, b)
 
 
 def _state(model):
@@ -92,11 +111,7 @@ def test_slots_are_written_from_the_shards_and_read_back_by_pieces(tmp_path, mon
     assert half.shape == (20, 3)
 
     for n in (3, 1):
-        with _strategy(n, stage).scope():
-            restored = mlp(hidden=40)
-            restored.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01),
-                                                             stage=stage), loss="mse")
-            restored.optimizer.build(restored.trainable_variables)
+        restored = _fresh(n, stage)
         with monkeypatch.context() as patch:
             patch.setattr(UnshardedSlot, "assign", refuse)
             patch.setattr(UnshardedSlot, "value", refuse)
@@ -105,12 +120,7 @@ def test_slots_are_written_from_the_shards_and_read_back_by_pieces(tmp_path, mon
         for a, b in zip(_state(restored), saved):
             np.testing.assert_array_equal(a, b)
 
-    plain = mlp(hidden=40)
-    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    plain.optimizer.build(plain.trainable_variables)
-    tf.train.Checkpoint(model=plain, optimizer=plain.optimizer).read(prefix).assert_consumed()
-    for a, b in zip(_state(plain), saved):
-        np.testing.assert_array_equal(a, b)
+    _assert_plain_keras_restores(prefix, saved)
 
 
 def test_tf_zero_checkpoint_is_tf_checkpoint_in_one_process(tmp_path):
@@ -143,12 +153,6 @@ def written(tmp_path_factory):
     return prefix, other, model
 
 
-def _fresh(n=2):
-    with zero_strategy(n).scope():
-        model = mlp(hidden=40)
-        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
-        model.optimizer.build(model.trainable_variables)
-    return model
 
 
 def test_tf_zero_checkpoint_writes_slices_in_chunks(written, monkeypatch, tmp_path):
@@ -211,10 +215,7 @@ def test_bad_checkpoints_are_refused_before_anything_is_restored(written, tmp_pa
     shutil.copy(replacement, victim)
     _unchanged_after(model, ValueError, re.escape(victim) + ".*another save", read(mixed))
     # The checkpoint of another model.
-    with zero_strategy(2).scope():
-        wider = mlp(hidden=41)
-        wider.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
-        wider.optimizer.build(wider.trainable_variables)
+    wider = _fresh(hidden=41)
     _unchanged_after(wider, ValueError, "another model", lambda: tf_zero.Checkpoint(
         model=wider, optimizer=wider.optimizer).read(prefix))
     # No checkpoint at all.
@@ -296,10 +297,7 @@ def test_stage3_weights_are_written_and_read_by_shards(tmp_path, monkeypatch):
     key = next(k for k, shape in tf.train.list_variables(prefix)
                if not k.startswith("optimizer/_variables/") and shape == [8, 40])
     assert tf.train.load_checkpoint(prefix).get_tensor(key).shape == (8, 40)
-    with _strategy(3, 3).scope():
-        restored = mlp(hidden=40)
-        restored.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
-        restored.optimizer.build(restored.trainable_variables)
+    restored = _fresh(3, stage=3)
     assert tf_zero.is_sharded(restored.layers[0].kernel)
     with monkeypatch.context() as patch:
         patch.setattr(ShardedVariable, "assign", refuse)
@@ -308,9 +306,4 @@ def test_stage3_weights_are_written_and_read_by_shards(tmp_path, monkeypatch):
             prefix).assert_consumed()
     for a, b in zip(_state(restored), saved):
         np.testing.assert_array_equal(a, b)
-    plain = mlp(hidden=40)
-    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    plain.optimizer.build(plain.trainable_variables)
-    tf.train.Checkpoint(model=plain, optimizer=plain.optimizer).read(prefix).assert_consumed()
-    for a, b in zip(_state(plain), saved):
-        np.testing.assert_array_equal(a, b)
+    _assert_plain_keras_restores(prefix, saved)

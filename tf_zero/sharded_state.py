@@ -144,17 +144,7 @@ class UnshardedSlot(SlotFace):
 
     def _write(self, value):
         """Writes a full slot value into the shards of this worker's replicas."""
-        plan = self._shards.plan
-        flat = tf.reshape(value, [-1])
-        ranks = _private.local_replica_ranks(self._shards.strategy)
-        for b, _ in plan.variable_segments(self._index):
-            bucket = plan.buckets[b]
-            comps = _private.components(self._bucket_slot(b))
-            for rank, comp in zip(ranks, comps):
-                for p in bucket.shard_pieces(rank):
-                    if p.variable == self._index:
-                        comp[p.offset:p.offset + p.size].assign(
-                            tf.cast(flat[p.start:p.start + p.size], comp.dtype))
+        write_slices(self.local_runs(), self.shape, {"": value})
 
 
 def local_slices(runs, shape, max_elements=None) -> list:
