@@ -1,10 +1,12 @@
 """The private TensorFlow entry points tf_zero relies on still behave."""
 
+import gc
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import zero_strategy
+from conftest import mirrored_strategy, zero_strategy
 
 from tf_zero import _private
 
@@ -183,3 +185,27 @@ def test_sliced_saveables_restore_every_slice(tmp_path):
     plain = tf.Variable(tf.zeros([4, 6]))
     tf.train.Checkpoint(s=plain).read(prefix).assert_consumed()
     np.testing.assert_array_equal(plain.numpy(), x)
+
+
+def _allocated():
+    gc.collect()
+    return tf.config.experimental.get_memory_info("CPU:0")["current"]
+
+
+def test_own_buffers_gives_each_copy_a_buffer_of_its_own():
+    # TensorFlow 2.21 lets a mirrored variable's copies on logical CPUs share
+    # their initial value's buffer until written; own_buffers gives each its
+    # own now, values unchanged. (If TensorFlow stops sharing, the first
+    # assertion says own_buffers is no longer needed.)
+    n, copy = 1 << 20, 4 << 20  # 4 MiB per copy
+    before = _allocated()
+    with mirrored_strategy(4).scope():
+        v = tf.Variable(tf.random.stateless_uniform([n], seed=[1, 2]))
+    shared = _allocated() - before
+    _private.own_buffers([v])
+    owned = _allocated() - before
+    assert shared < 2 * copy, shared
+    assert 4 * copy <= owned < 5 * copy, owned
+    expected = tf.random.stateless_uniform([n], seed=[1, 2]).numpy()
+    for comp in _private.components(v):
+        np.testing.assert_array_equal(comp.numpy(), expected)

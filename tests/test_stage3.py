@@ -384,6 +384,29 @@ def _step_peak(depth, recompute, width=256):
     return min(peaks)
 
 
+def test_training_leaves_the_allocator_holding_the_state_and_little_else():
+    # Shards and slots get buffers of their own at build: were they first
+    # copied inside the first step (copy-on-write), TensorFlow's BFC allocator
+    # could give each a free block of up to twice its size among the step's
+    # temporaries, kept for the rest of the run.
+    strategy = zero_strategy(4, stage=3, persistence_threshold=0, prefetch_depth=1)
+    gc.collect()
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((512,))] + [
+            keras.layers.Dense(512, use_bias=False) for _ in range(6)])
+        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(1e-3)), loss="mse")
+    x = np.ones((32, 512), "float32")
+    model.fit(x, x, batch_size=32, epochs=3, verbose=0)
+    gc.collect()
+    held = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
+    state = sum(r.total for r in tf_zero.memory_report(model.optimizer, model).replicas)
+    print(f"allocator after training {held / 2**20:.2f} MiB, state {state / 2**20:.2f} MiB")
+    assert state == 6 * 512 * 512 * 4 * 3  # weights + Adam's two slots, sharded
+    assert held < 1.1 * state + (1 << 20)
+
+
 def test_step_peak_does_not_grow_with_depth():
     layer_bytes = 256 * 256 * 4
     with_recompute = {d: _step_peak(d, True) for d in (8, 16)}

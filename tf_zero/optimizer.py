@@ -258,6 +258,11 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
                 with tf.variable_creator_scope(per_replica_creator):
                     self._accumulator.build_sharded(self._shards, config.stage)
             self._step = ShardedStep(self._shards, inner, self._accumulator)
+            # Every buffer the step writes, allocated now rather than by the
+            # first step's copy-on-write among its temporaries.
+            _private.own_buffers([
+                *self._model_variables, *self._shards.storage, *self.gradient_buffers,
+                *(v for opt in support.all_optimizers(inner) for v in opt.variables)])
         super().build(var_list)
         if self._pending_load is not None:
             values, self._pending_load = self._pending_load, None

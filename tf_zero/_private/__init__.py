@@ -52,7 +52,7 @@ from tf_zero._private.distribute import (  # noqa: E402
     LocalDevicesExtended, components, collective_launcher, eager_mode, global_replica_id,
     in_multi_worker_mode, in_save_context, initialize_strategy_base, is_chief,
     is_distributed_variable, is_sync_on_read, kv_get, kv_set, launcher_device,
-    local_component, local_replica_index, local_replica_ranks, new_mirrored_strategy,
+    local_component, local_replica_index, own_buffers, local_replica_ranks, new_mirrored_strategy,
     new_multi_worker_strategy, next_collective_key_base, raw_all_gather, raw_all_reduce,
     raw_all_to_all, raw_reduce_scatter, sharded_storage, strategy_of, tf_variable,
     worker_count, worker_index, local_variable_creator, unique_id, is_composite_tensor, export_to_saved_model_graph, write_object_proto)
