@@ -86,3 +86,22 @@ def test_checkpoint_quick():
     assert [line.split()[0] for line in lines] == ["tf.train.Checkpoint", "tf_zero.Checkpoint"]
     for line in lines:
         assert "restored identical: True" in line and "save " in line and "restore " in line
+
+
+def test_max_llm_quick():
+    out = run("max_llm.py", "--modes", "stage3", "--replicas", "2", "--min-size", "1",
+              "--max-size", "2", "--steps", "2", "--budget-gib", "10", timeout=600)
+    line = [line for line in out.splitlines() if line.lstrip().startswith("stage3:")][-1]
+    assert "k=2 (2 layers x 256)" in line and "peak RSS" in line, out
+    assert '"finite": true' in out and "does not fit" not in out, out
+
+
+def test_llama_1b_demo_refuses_mirrored_before_building():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "llama_1b.py"),
+                        "--strategy", "mirrored"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
+    assert "1,011,959,808 parameters" in r.stdout
+    assert "refused: --strategy mirrored needs about" in r.stderr
+    assert "--force" in r.stderr and "parameters, built" not in r.stdout
