@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 
 
 def memory_gib():
-    """(total, available) RAM of this host."""
+    """(total, available) RAM of this host, or None where /proc/meminfo is missing."""
+    if not os.path.exists("/proc/meminfo"):
+        return None
     info = {}
     with open("/proc/meminfo") as f:
         for line in f:
@@ -47,8 +49,9 @@ HOST_OUTSIDE_ALLOCATOR_GIB = 4.0
 # The BFC allocator grows its pool and never returns it, so an uncapped pool
 # also holds whatever fragmentation the step's changing order leaves: cap it
 # at what the host has beside the rest (read once, when TensorFlow starts).
-os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB",
-                      str(int((memory_gib()[1] - HOST_OUTSIDE_ALLOCATOR_GIB) * 1024)))
+if memory_gib() is not None:
+    os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(
+        max(1024, int((memory_gib()[1] - HOST_OUTSIDE_ALLOCATOR_GIB) * 1024))))
 
 STRATEGIES = {"mirrored": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 # Beside the model state (weights, gradients, Adam's two slots: 16 bytes per
@@ -97,6 +100,9 @@ def check_fits(args):
         return ((state * args.replicas + EXTRA_BYTES_PER_PARAM * params) / 2 ** 30
                 + FIXED_OVERHEAD_GIB)
 
+    if memory_gib() is None:
+        print("no /proc/meminfo: the memory check is skipped")
+        return
     total, available = memory_gib()
     print(f"Llama, {args.layers} layers x {HIDDEN}: {params:,} parameters; "
           f"{args.replicas} replicas sharing {total:.1f} GiB ({available:.1f} GiB available)")
