@@ -255,14 +255,15 @@ def main():
     for mode in args.modes:
         k, result = largest(args, mode)
         results[mode] = result["params"] if result else 0
-        base = results.get("mirrored") or results[mode] or 1
+        base = results.get("mirrored")
         if result is None:
             print(f"{mode:>9}: nothing fits from k={args.min_size}", flush=True)
             continue
         layers, hidden = shape(args.arch, k)[:2]
+        ratio = f"  x{result['params'] / base:.2f} of mirrored" if base else ""
         print(f"{mode:>9}: k={k} ({layers} layers x {hidden}), {result['params']:>13,} "
-              f"parameters  x{result['params'] / base:.2f} of mirrored, peak RSS "
-              f"{result['peak_rss_gib']} GiB, step {result['step_s']} s", flush=True)
+              f"parameters{ratio}, peak RSS {result['peak_rss_gib']} GiB, "
+              f"step {result['step_s']} s", flush=True)
     return 0
 
 

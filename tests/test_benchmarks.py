@@ -92,7 +92,7 @@ def test_max_llm_quick():
     out = run("max_llm.py", "--modes", "stage3", "--replicas", "2", "--min-size", "1",
               "--max-size", "2", "--steps", "2", "--budget-gib", "10", timeout=600)
     line = [line for line in out.splitlines() if line.lstrip().startswith("stage3:")][-1]
-    assert "k=2 (2 layers x 256)" in line and "peak RSS" in line, out
+    assert "k=2 (3 layers x 256)" in line and "peak RSS" in line, out
     assert '"finite": true' in out and "does not fit" not in out, out
 
 
