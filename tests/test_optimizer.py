@@ -240,6 +240,43 @@ def test_small_buckets_split_variables():
     assert len(got.optimizer.plan.buckets) > 1
 
 
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_reduce_scatters_launch_last_bucket_first(accumulation_steps):
+    """A replica runs its collectives in the order they are created, and the
+    backward pass yields the last layers' gradients first: the last bucket's
+    reduce-scatter (and all-gather) must be created first, or it waits for the
+    first layer's."""
+    strategy = zero_strategy(2, stage=2)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64),
+                                  keras.layers.Dense(32), keras.layers.Dense(8)])
+        opt = tf_zero.ZeroOptimizer(keras.optimizers.SGD(0.1), bucket_size_bytes=16384,
+                                    accumulation_steps=accumulation_steps)
+        opt.build(model.trainable_variables)
+
+    @tf.function
+    def step(x):
+        def replica(xr):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(xr) ** 2)
+            opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        strategy.run(replica, args=(x,))
+
+    graph = step.get_concrete_function(tf.TensorSpec([2, 64], tf.float32)).graph
+    # Stage 2 reduce-scatters every micro-step outside the window's branch.
+    launched = [op.inputs[0].shape[1] for op in graph.get_operations()
+                if op.type == "CollectiveAllToAllV2" and op.device.endswith("CPU:0")]
+    # 4096 elements of the first kernel, then the rest (2408): 2048 and 1204 per replica.
+    assert [b.shard_size for b in opt.plan.buckets] == [2048, 1204]
+    assert launched == [1204, 2048]
+    if accumulation_steps == 1:
+        # The first bucket is reduced and updated last: it is gathered last too.
+        gathered = [op.inputs[0].shape[0] for op in graph.get_operations()
+                    if op.type == "CollectiveGatherV2" and op.device.endswith("CPU:0")]
+        assert gathered == [1204, 2048]
+
+
 def test_custom_training_loop():
     data = regression_data()
     adam = lambda: keras.optimizers.Adam(0.01)  # noqa: E731

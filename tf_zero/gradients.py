@@ -101,9 +101,19 @@ def local_buckets(shards: Shards, flat_grads) -> list:
 
 
 def scatter_buckets(shards: Shards, bucket_grads) -> list:
-    """Reduce-scatters the local bucket gradients into this replica's shards."""
-    return [g if shards.is_owned(b) else reduce_scatter(g, shards.reduce_dtype)
-            for b, g in zip(shards.plan.buckets, bucket_grads)]
+    """Reduce-scatters the local bucket gradients into this replica's shards.
+
+    The collectives are launched last bucket first. A replica's collectives
+    run in the order they are created (their ordering token), and the
+    backward pass yields the last layers' gradients first: in plan order the
+    first bucket's reduce-scatter (the embedding's, ready last) would hold
+    every other one back until the whole backward pass is done.
+    """
+    shard_grads = [None] * len(bucket_grads)
+    for j in reversed(range(len(bucket_grads))):
+        b, g = shards.plan.buckets[j], bucket_grads[j]
+        shard_grads[j] = g if shards.is_owned(b) else reduce_scatter(g, shards.reduce_dtype)
+    return shard_grads
 
 
 def reduce_to_shards(shards: Shards, flat_grads) -> list:

@@ -177,13 +177,15 @@ def _weight_decay(shards, inner, bucket, storage, pieces, lr):
 def publish(shards: Shards, missing) -> None:
     """All-gathers the updated shards into the model weights; constraints."""
     gathered = {}
-    for bucket, storage in zip(shards.plan.buckets, shards.storage):
+    # Last bucket first, as the reduce-scatters were: the first bucket's
+    # gradient was reduced last, so its update is the last to finish.
+    for bucket, storage in reversed(list(zip(shards.plan.buckets, shards.storage))):
         if shards.is_owned(bucket):
             _constrain_owned(shards, bucket, storage, missing)
             continue
         gathered[bucket.index] = collectives.all_gather(
             _private.local_component(storage).read_value())
-    for bucket in shards.plan.buckets if shards.whole else ():
+    for bucket in reversed(shards.plan.buckets) if shards.whole else ():
         # The owners updated their copies of the weights: publish those.
         gathered[bucket.index] = collectives.all_gather(
             shards.read_weight_shard(bucket, collectives.rank()))
