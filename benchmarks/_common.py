@@ -11,6 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 MODES = ("mirrored", "stage1", "stage2", "stage3")
+# Not a training mode: MirroredStrategy running the forward and backward pass
+# alone (no gradient reduction, no update), the floor under any step of
+# data-parallel training on the same replicas (step_time.py --modes ... gradients).
+FLOOR = "gradients"
 
 
 def configure_cpus(n):
@@ -190,16 +194,40 @@ def make_workload(name, mode, devices, steps, hidden=2048, batch_per_replica=32,
     if name == "mlp":
         batch = batch_per_replica * replicas
         x, y = make_data(batch * steps)
-        _, model = make_strategy_and_model(mode, devices, hidden,
-                                           bucket_size_bytes=bucket_size_bytes)
+        _, model = make_strategy_and_model("mirrored" if mode == FLOOR else mode, devices,
+                                           hidden, bucket_size_bytes=bucket_size_bytes)
+        if mode == FLOOR:
+            gradients_only(model)
         return model, x, y, batch
-    if mode == "mirrored":
+    if mode in ("mirrored", FLOOR):
         strategy = _private.new_mirrored_strategy(devices)
     else:
         strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]))
     with strategy.scope():
         model, opt, loss, x, y, batch = WORKLOADS[name][1](replicas, steps)
-        if mode != "mirrored":
+        if mode not in ("mirrored", FLOOR):
             opt = tf_zero.ZeroOptimizer(opt, bucket_size_bytes=bucket_size_bytes)
         model.compile(optimizer=opt, loss=loss)
+    if mode == FLOOR:
+        gradients_only(model)
     return model, x, y, batch
+
+
+def gradients_only(model):
+    """Makes `model`'s train step the forward and backward pass alone: no
+    reduction across replicas, no update. One element of every gradient is
+    returned, so the whole backward pass stays in the traced step."""
+    import keras
+    import tensorflow as tf
+
+    def train_step(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        grads = tape.gradient(loss, model.trainable_weights)
+        firsts = [tf.reshape(g.values if isinstance(g, tf.IndexedSlices) else g, [-1])[0]
+                  for g in grads if g is not None]
+        return {"loss": loss, "gradient_elements": tf.add_n(firsts)}
+
+    model.train_step = train_step

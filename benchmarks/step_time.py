@@ -12,7 +12,9 @@ CPU runs use TensorFlow's BFC allocator unless TF_CPU_ALLOCATOR_USE_BFC is set
 
 Workloads (`--model`): `mlp` (3 hidden layers, `--params` / `--hidden`, 32
 samples per replica: the quickstart's model at `--hidden 2048`), `mlp27m` and
-`gpt2` (see `_common.WORKLOADS`).
+`gpt2` (see `_common.WORKLOADS`). `--modes ... gradients` adds the floor: the
+forward and backward pass alone under MirroredStrategy, no reduction and no
+update, which no mode of data-parallel training can beat on the same replicas.
 
     python benchmarks/step_time.py [--model mlp27m] [--rounds 2] [--replicas 4] [--epochs 3]
 """
@@ -85,7 +87,10 @@ def main():
                         help="mlp width; overrides --params (quickstart: 2048)")
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=list(_common.MODES),
-                        choices=list(_common.MODES))
+                        choices=[*_common.MODES, _common.FLOOR],
+                        help=f"'{_common.FLOOR}': the forward and backward pass alone "
+                             "under MirroredStrategy (no reduction, no update), the floor "
+                             "under every mode")
     parser.add_argument("--rounds", type=int, default=1,
                         help="processes per mode, alternating between the modes")
     parser.add_argument("--epochs", type=int, default=3, help="per process, the first untimed")
