@@ -277,6 +277,38 @@ def test_reduce_scatters_launch_last_bucket_first(accumulation_steps):
         assert gathered == [1204, 2048]
 
 
+def test_variables_a_bucket_large_are_published_without_a_concatenation():
+    """A variable at least a bucket large is a bucket of its own: its local
+    gradient is the bucket, and its all-gather's output the whole new weight,
+    so neither the reduce nor the publish concatenates anything for it."""
+    strategy = zero_strategy(2, stage=2)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64),
+                                  keras.layers.Dense(32), keras.layers.Dense(8)])
+        opt = tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01), bucket_size_bytes=8192)
+        opt.build(model.trainable_variables)
+    # 2048 floats a bucket: the 64x64 kernel (4096) and the 64x32 one (2048)
+    # alone, the biases and the small kernel packed around them.
+    assert [[s.size for s in b.segments] for b in opt.plan.buckets] == [
+        [4096], [64], [2048], [32, 256, 8]]
+
+    @tf.function
+    def step(x):
+        def replica(xr):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(xr) ** 2)
+            opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        strategy.run(replica, args=(x,))
+
+    graph = step.get_concrete_function(tf.TensorSpec([2, 64], tf.float32)).graph
+    concats = [op.name for op in graph.get_operations() if op.type == "ConcatV2"
+               and ("zero_publish" in op.name or "zero_reduce" in op.name)]
+    # Only the last bucket, of three variables and no padding, is laid out.
+    assert len([c for c in concats if "zero_reduce" in c]) == 2  # one per replica
+    assert not [c for c in concats if "zero_publish" in c]
+
+
 def test_custom_training_loop():
     data = regression_data()
     adam = lambda: keras.optimizers.Adam(0.01)  # noqa: E731

@@ -99,6 +99,17 @@ def test_alone_variables_get_a_bucket_each():
         plan_shards([(2,)], ["float32"], 2, 1024, alone=[True, False])
 
 
+
+def test_fills_a_bucket_counts_bytes_of_the_dtype():
+    from tf_zero.plan import fills_a_bucket
+
+    assert fills_a_bucket((64, 64), "float32", 16384)
+    assert not fills_a_bucket((64, 63), "float32", 16384)
+    assert not fills_a_bucket((64, 64), "bfloat16", 16384)
+    assert fills_a_bucket((128, 64), "bfloat16", 16384)
+    assert fills_a_bucket((), "float64", 8) and not fills_a_bucket((0, 4), "float32", 1)
+
+
 # ---- the whole-variable partition ---------------------------------------------
 
 from tf_zero.plan import plan_owners  # noqa: E402

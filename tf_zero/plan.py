@@ -300,6 +300,21 @@ def plan_shards(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
     return ShardPlan(shapes, dtypes, num_shards, tuple(buckets))
 
 
+def fills_a_bucket(shape: Sequence[int], dtype: str, bucket_size_bytes: int) -> bool:
+    """Whether a variable is at least a bucket large.
+
+    Such a variable is best planned `alone` (a bucket of its own, as
+    `build_shards` does at stages 1-2): its local gradient is then the
+    bucket as it is, and the all-gather's output is the whole new weight,
+    which the weight's assignment adopts as its buffer. Spread over several
+    buckets, the same variable costs a copy into the buckets' layout on
+    the way in and a concatenation of the gathered pieces on the way out
+    (27M MLP, stage 2: 0.14x of the step, `docs/benchmarks.md`).
+    """
+    size = int(np.prod(tuple(int(d) for d in shape), dtype=np.int64))
+    return size * _itemsize(dtype) >= bucket_size_bytes
+
+
 def plan_owners(shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
                 num_shards: int, bucket_size_bytes: int,
                 costs: Sequence[int] | None = None,

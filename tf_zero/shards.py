@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.owners import build_owned, plain_slot_specs, state_bytes
-from tf_zero.plan import Bucket, ShardPlan, plan_owners, plan_shards
+from tf_zero.plan import Bucket, ShardPlan, fills_a_bucket, plan_owners, plan_shards
 from tf_zero.sharded_variable import is_sharded
 from tf_zero.support import all_optimizers, split_variables, variable_optimizers
 
@@ -135,8 +135,12 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
                       owners=build_owned(optimizers, variables, plan, strategy, specs),
                       optimizers=optimizers, slot_specs=specs)
     owned = [is_sharded(v) for v in variables]
-    plan = plan_shards([tuple(v.shape) for v in variables], dtypes, n,
-                       bucket_size_bytes, alone=owned)
+    shapes = [tuple(v.shape) for v in variables]
+    # A stage-3 weight is its bucket's storage; any variable at least a bucket
+    # large is published without a copy from a bucket of its own.
+    alone = [o or fills_a_bucket(shape, dtype, bucket_size_bytes)
+             for o, shape, dtype in zip(owned, shapes, dtypes)]
+    plan = plan_shards(shapes, dtypes, n, bucket_size_bytes, alone=alone)
     owned_buckets = frozenset(
         b.index for b in plan.buckets if owned[b.segments[0].variable])
     storage = []
