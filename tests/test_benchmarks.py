@@ -46,6 +46,17 @@ def test_step_time_quick(tmp_path):
     assert len(rss) == 4 and min(rss) > 100  # MiB, each mode's own process
 
 
+def test_step_time_floor_quick():
+    """`gradients`: the forward and backward pass alone, a smaller graph than
+    MirroredStrategy's whole step (no reduction, no update)."""
+    out = run("step_time.py", "--params", "1e5", "--replicas", "2", "--epochs", "2",
+              "--steps", "3", "--modes", "mirrored", "gradients")
+    ops = {line.split(":")[0].strip(): int(line.split("traced ops")[1].split()[0].replace(",", ""))
+           for line in out.splitlines() if "traced ops" in line}
+    assert set(ops) == {"mirrored", "gradients"}
+    assert 0 < ops["gradients"] < ops["mirrored"] / 2, ops
+
+
 def test_step_profile_quick():
     out = run("step_profile.py", "--model", "mlp", "--hidden", "400", "--replicas", "2",
               "--steps", "2", "--modes", "mirrored", "stage2", "stage3")

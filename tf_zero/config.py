@@ -20,9 +20,11 @@ class ZeroConfig:
             between steps (they matter once gradients are accumulated over
             micro-batches). Within one step both reduce-scatter the gradient
             and all-gather the updated weights.
-        bucket_size_bytes: size of one flat gradient bucket. Gradients are
-            flattened into buckets of about this size, one reduce-scatter per
-            bucket; only one bucket's flat copy is built at a time.
+        bucket_size_bytes: size of one flat gradient bucket. The gradients
+            of smaller variables are flattened together into buckets of
+            about this size, one reduce-scatter and one all-gather per
+            bucket; a variable at least this large is a bucket of its own,
+            reduced and published without a copy.
         reduce_dtype: dtype in which gradients travel during the
             reduce-scatter (`None`: the gradient's own dtype). The shard is
             summed and used in the variable's dtype.

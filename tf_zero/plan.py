@@ -8,8 +8,9 @@ all-gather publishes every shard. Padding never reaches a variable. Two kinds:
 
 * `plan_shards`, the element split: variables are laid end to end, in the
   order given, into buckets of at most `bucket_size_bytes`; a large variable
-  spills over into the next bucket; each bucket is zero-padded to a multiple
-  of the shard count. Every replica owns 1/N of every variable.
+  spills over into the next bucket unless it is planned `alone` (as
+  `build_shards` plans every variable that `fills_a_bucket`); each bucket is
+  zero-padded to a multiple of the shard count. Every replica owns 1/N of every variable.
 * `plan_owners`, the whole-variable partition: every variable is owned whole
   by one replica, chosen by a balanced deterministic rule (largest first onto
   the least-loaded replica); each replica's variables lie end to end in its
@@ -309,7 +310,7 @@ def fills_a_bucket(shape: Sequence[int], dtype: str, bucket_size_bytes: int) -> 
     which the weight's assignment adopts as its buffer. Spread over several
     buckets, the same variable costs a copy into the buckets' layout on
     the way in and a concatenation of the gathered pieces on the way out
-    (27M MLP, stage 2: 0.14x of the step, `docs/benchmarks.md`).
+    (about 8 % of the 27M MLP's stage-2 step, `docs/benchmarks.md`).
     """
     size = int(np.prod(tuple(int(d) for d in shape), dtype=np.int64))
     return size * _itemsize(dtype) >= bucket_size_bytes

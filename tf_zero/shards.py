@@ -7,7 +7,9 @@ with one component per local replica (the replica's slice of the bucket,
 filled from the model's weights), and builds the inner optimizer on those
 shards, so every slot it creates has the shard's shape and exists only for
 the slice. A stage-3 weight is a bucket of its own whose shard is the
-weight's storage: nothing is copied for it.
+weight's storage: nothing is copied for it. Any variable at least a bucket
+large is a bucket of its own too (`plan.fills_a_bucket`), so that its
+gradient and its gathered weight need no copy into or out of a bucket.
 
 Under the whole-variable partition (`plan_owners`, for optimizers that need
 whole tensors) there are no shard variables: each variable's optimizer lives
