@@ -234,10 +234,26 @@ def test_sparse_embedding_gradients_adam_use_the_summed_gradient():
 
 
 def test_small_buckets_split_variables():
+    # 256 floats a bucket: the 8x30 kernel (240) and the first 16 of its
+    # bias fill the first; the bias's other 14 open the second.
     diff, got = parity(3, lambda: keras.optimizers.Adam(0.01), bucket_size_bytes=1024,
-                       model_fn=lambda: mlp(hidden=64))
+                       model_fn=lambda: mlp(hidden=30))
     assert diff < 1e-6
-    assert len(got.optimizer.plan.buckets) > 1
+    plan = got.optimizer.plan
+    assert [len(plan.variable_segments(i)) for i in range(plan.num_variables)] == [1, 2, 1, 1]
+
+
+def _traced_step(strategy, model, opt):
+    """The graph of one step of `opt` on `model` (inputs of 64), in replica context."""
+    @tf.function
+    def step(x):
+        def replica(xr):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(xr) ** 2)
+            opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        strategy.run(replica, args=(x,))
+
+    return step.get_concrete_function(tf.TensorSpec([2, 64], tf.float32)).graph
 
 
 @pytest.mark.parametrize("accumulation_steps", [1, 2])
@@ -254,16 +270,7 @@ def test_reduce_scatters_launch_last_bucket_first(accumulation_steps):
         opt = tf_zero.ZeroOptimizer(keras.optimizers.SGD(0.1), bucket_size_bytes=16384,
                                     accumulation_steps=accumulation_steps)
         opt.build(model.trainable_variables)
-
-    @tf.function
-    def step(x):
-        def replica(xr):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(model(xr) ** 2)
-            opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-        strategy.run(replica, args=(x,))
-
-    graph = step.get_concrete_function(tf.TensorSpec([2, 64], tf.float32)).graph
+    graph = _traced_step(strategy, model, opt)
     # Stage 2 reduce-scatters every micro-step outside the window's branch.
     launched = [op.inputs[0].shape[1] for op in graph.get_operations()
                 if op.type == "CollectiveAllToAllV2" and op.device.endswith("CPU:0")]
@@ -292,16 +299,7 @@ def test_variables_a_bucket_large_are_published_without_a_concatenation():
     # alone, the biases and the small kernel packed around them.
     assert [[s.size for s in b.segments] for b in opt.plan.buckets] == [
         [4096], [64], [2048], [32, 256, 8]]
-
-    @tf.function
-    def step(x):
-        def replica(xr):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(model(xr) ** 2)
-            opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-        strategy.run(replica, args=(x,))
-
-    graph = step.get_concrete_function(tf.TensorSpec([2, 64], tf.float32)).graph
+    graph = _traced_step(strategy, model, opt)
     concats = [op.name for op in graph.get_operations() if op.type == "ConcatV2"
                and ("zero_publish" in op.name or "zero_reduce" in op.name)]
     # Only the last bucket, of three variables and no padding, is laid out.

@@ -99,7 +99,6 @@ def test_alone_variables_get_a_bucket_each():
         plan_shards([(2,)], ["float32"], 2, 1024, alone=[True, False])
 
 
-
 def test_fills_a_bucket_counts_bytes_of_the_dtype():
     from tf_zero.plan import fills_a_bucket
 

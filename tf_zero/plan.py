@@ -306,11 +306,13 @@ def fills_a_bucket(shape: Sequence[int], dtype: str, bucket_size_bytes: int) -> 
 
     Such a variable is best planned `alone` (a bucket of its own, as
     `build_shards` does at stages 1-2): its local gradient is then the
-    bucket as it is, and the all-gather's output is the whole new weight,
-    which the weight's assignment adopts as its buffer. Spread over several
-    buckets, the same variable costs a copy into the buckets' layout on
-    the way in and a concatenation of the gathered pieces on the way out
-    (about 8 % of the 27M MLP's stage-2 step, `docs/benchmarks.md`).
+    bucket as it is, and the all-gather's output is the new weight, which
+    the weight's assignment adopts as its buffer (when the size is not a
+    multiple of the shard count, the output also holds the padding, and the
+    weight is a copy of its slice). Spread over several buckets, the same
+    variable costs a copy into the buckets' layout on the way in and a
+    concatenation of the gathered pieces on the way out (about 8 % of the
+    27M MLP's stage-2 step, `docs/benchmarks.md`).
     """
     size = int(np.prod(tuple(int(d) for d in shape), dtype=np.int64))
     return size * _itemsize(dtype) >= bucket_size_bytes
