@@ -191,23 +191,22 @@ def make_workload(name, mode, devices, steps, hidden=2048, batch_per_replica=32,
     from tf_zero import _private
 
     replicas = len(devices or [0])
+    compiled = "mirrored" if mode == FLOOR else mode  # the floor compiles as MirroredStrategy
     if name == "mlp":
         batch = batch_per_replica * replicas
         x, y = make_data(batch * steps)
-        _, model = make_strategy_and_model("mirrored" if mode == FLOOR else mode, devices,
-                                           hidden, bucket_size_bytes=bucket_size_bytes)
-        if mode == FLOOR:
-            gradients_only(model)
-        return model, x, y, batch
-    if mode in ("mirrored", FLOOR):
-        strategy = _private.new_mirrored_strategy(devices)
+        _, model = make_strategy_and_model(compiled, devices, hidden,
+                                           bucket_size_bytes=bucket_size_bytes)
     else:
-        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]))
-    with strategy.scope():
-        model, opt, loss, x, y, batch = WORKLOADS[name][1](replicas, steps)
-        if mode not in ("mirrored", FLOOR):
-            opt = tf_zero.ZeroOptimizer(opt, bucket_size_bytes=bucket_size_bytes)
-        model.compile(optimizer=opt, loss=loss)
+        if compiled == "mirrored":
+            strategy = _private.new_mirrored_strategy(devices)
+        else:
+            strategy = tf_zero.ZeroStrategy(devices, stage=int(compiled[-1]))
+        with strategy.scope():
+            model, opt, loss, x, y, batch = WORKLOADS[name][1](replicas, steps)
+            if compiled != "mirrored":
+                opt = tf_zero.ZeroOptimizer(opt, bucket_size_bytes=bucket_size_bytes)
+            model.compile(optimizer=opt, loss=loss)
     if mode == FLOOR:
         gradients_only(model)
     return model, x, y, batch
