@@ -111,6 +111,33 @@ def test_keras_file_loads_anywhere(saved, n):
     assert max_weight_diff(model.get_weights(), saved["reference"]) < 1e-6
 
 
+def test_checkpoint_moves_between_plans_with_and_without_buckets_of_their_own(tmp_path):
+    """At 1 KiB buckets the 8x64 kernel is a bucket of its own; at the default
+    size it shares one with the rest. A checkpoint written under either plan
+    resumes under the other, on another replica count, as the run that was
+    never interrupted."""
+    def model_at(n, bucket_size_bytes):
+        with zero_strategy(n).scope():
+            model = mlp(hidden=64)
+            model.compile(optimizer=tf_zero.ZeroOptimizer(
+                OPTIMIZERS["adam"](), bucket_size_bytes=bucket_size_bytes), loss="mse")
+        return model
+
+    reference = train(model_at(4, 1024), epochs=2)
+    assert [[s.size for s in b.segments] for b in reference.optimizer.plan.buckets] == [
+        [512], [64, 192], [3]]
+    for i, (saved_at, resumed_at) in enumerate([((4, 1024), (3, None)), ((3, None), (4, 1024))]):
+        model = train(model_at(*saved_at))
+        prefix = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+            str(tmp_path / f"c{i}"))
+        resumed = model_at(*resumed_at)
+        tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(
+            prefix).assert_existing_objects_matched()
+        train(resumed, initial_epoch=1)
+        assert max_weight_diff(resumed.get_weights(), reference.get_weights()) < 1e-6
+        assert_replicas_identical(resumed)
+
+
 def test_restore_into_a_built_optimizer(saved):
     model = compiled(zero_strategy(2), saved["make"])
     model.optimizer.build(model.trainable_variables)
