@@ -1,25 +1,11 @@
 """Backups that survive killed and preempted workers, resuming at the exact step.
 
-`BackupAndRestore` here is what `keras.callbacks.BackupAndRestore` becomes
-under a `ZeroStrategy` (the Keras class delegates to it; see `_adopt_keras`):
-
-* Every worker joins a save (gathering the shards is collective); only the
-  chief writes (`tf_zero.saving.publish`). A backup is a weights file named
-  after its position plus `latest.json`, replaced atomically last and
-  holding the position (epoch, batches done in it), the file's size and
-  SHA-256, a signature of the model and optimizer, and the id of the job
-  that wrote it. A crash at any moment leaves the previous complete backup.
-* Restoring resumes at that position: `fit` starts at the epoch and skips
-  the batches already trained on (they are drawn from the dataset, not
-  trained on again), so no batch is replayed or skipped. Keras' own
-  `save_freq=<int>` restarts the epoch on mid-epoch weights instead.
-* SIGTERM on any worker: all workers agree on a step boundary
-  (`tf_zero.preemption`), save a backup of that step and exit with status
-  `PREEMPTED_EXIT_CODE` (75). Relaunching resumes there.
-* A restore refuses, naming the cause, a truncated or corrupted file, a
-  backup of another model or optimizer, or a directory that another job
-  wrote while this one was training; a backup written at another replica
-  count or stage restores normally (checkpoints are unsharded).
+`BackupAndRestore` saves at epoch ends or every `save_freq` batches; every
+worker joins a save and only the chief writes, publishing `latest.json` last,
+atomically; a restore resumes at the exact batch, and SIGTERM on any worker
+saves the current step on all of them and exits with `PREEMPTED_EXIT_CODE`.
+Under a `ZeroStrategy`, `keras.callbacks.BackupAndRestore` runs as this
+class. See docs/checkpoints.md ("Backups") and docs/multi-worker.md.
 """
 
 from __future__ import annotations
@@ -27,19 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import signal
 import sys
 import time
 import uuid
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, preemption, saving
+from tf_zero import _private
+from tf_zero.fault import preemption, saving
+from tf_zero.fault.coordination import PREEMPTED_EXIT_CODE, sha256_file
 
-PREEMPTED_EXIT_CODE = preemption.PREEMPTED_EXIT_CODE
 _POINTER = "latest.json"
 _FORMAT = 1
+_WEIGHTS_NAME = re.compile(r"backup-(\d+)-(\d+)\.weights\.h5")
 
 
 def _inner_optimizer_name(optimizer):
@@ -66,14 +57,6 @@ def model_signature(model) -> dict:
 def _describe(signature):
     return (f"{signature['num_weights']} weights, {signature['parameters']:,} parameters, "
             f"shapes {signature['weights']}, optimizer {signature['optimizer']}")
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -120,7 +103,36 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"{self._pointer} is not a tf_zero backup pointer ({e}): the backup "
                 "directory is damaged or holds another program's files. Restore it from "
                 "a copy, or delete the directory to start from scratch.") from None
+        self._check_position(latest)
         return latest
+
+    def _check_position(self, latest):
+        """The pointer's epoch and batch: whole numbers, and those its weights
+        file's name records (the file is named when it is written)."""
+        for field in ("epoch", "batch"):
+            value = latest[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"{self._pointer} has \"{field}\": {json.dumps(value)}, which is not a "
+                    "whole number of epochs or batches: the file was edited or damaged. "
+                    f"Set it from the weights file's name (backup-EPOCH-BATCH.weights.h5), "
+                    "or delete the directory to start from scratch.")
+        named = _WEIGHTS_NAME.fullmatch(str(latest["weights"]))
+        if named is None:
+            raise ValueError(
+                f"{self._pointer} names the weights file {latest['weights']!r}, not one of "
+                "this callback's backup-EPOCH-BATCH.weights.h5 files: the file was edited "
+                "or damaged. Restore it from a copy, or delete the directory to start from "
+                "scratch.")
+        recorded = (int(named.group(1)), int(named.group(2)))
+        if recorded != (latest["epoch"], latest["batch"]):
+            raise ValueError(
+                f"{self._pointer} says epoch {latest['epoch']} batch {latest['batch']}, but "
+                f"the weights file it names, {latest['weights']}, was written at epoch "
+                f"{recorded[0]} after {recorded[1]} batches: latest.json was edited or is "
+                f"stale, and resuming from it would train from the wrong point. Set "
+                f"\"epoch\": {recorded[0]} and \"batch\": {recorded[1]} in it, or delete the "
+                "directory to start from scratch.")
 
     def _check_no_other_backup(self):
         """Without latest.json: refuse Keras' own layout; say if a save was cut short."""
@@ -170,7 +182,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"{self._pointer} names {latest['weights']}, which is missing: another "
                 "job or a person removed it. Give each job its own backup_dir.")
         size = tf.io.gfile.stat(path).length
-        if size != latest.get("bytes") or _sha256(path) != latest.get("sha256"):
+        if size != latest.get("bytes") or sha256_file(path) != latest.get("sha256"):
             raise ValueError(
                 f"The backup {path} is truncated or corrupted ({size} bytes, "
                 f"{latest.get('bytes')} written; checksum "
@@ -185,9 +197,37 @@ class BackupAndRestore(keras.callbacks.Callback):
             raise ValueError(f"The backup {path} cannot be read ({e}): the file is "
                              "corrupted. Restore it from a copy, or delete the directory "
                              "to start from scratch.") from e
-        _private.set_initial_epoch(self.model, int(latest["epoch"]))
-        self._resume = (int(latest["epoch"]), int(latest["batch"]))
-        _private.set_batches_to_skip(self.model, int(latest["batch"]))
+        steps = (self.params or {}).get("steps")
+        if steps and int(latest["batch"]) > steps:
+            raise ValueError(
+                f"The backup in {self.backup_dir} was taken after {latest['batch']} batches "
+                f"of epoch {latest['epoch']}, but this fit's epochs have {steps} batches. "
+                "Resume with the dataset, batch size and steps_per_epoch that wrote the "
+                "backup, or delete the directory to start from scratch.")
+        # Backups written before positions were normalized say (e, N) at an epoch's end.
+        epoch, batch = self._position(latest["epoch"], latest["batch"])
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None and epoch >= epochs:
+            warnings.warn(
+                f"The backup in {self.backup_dir} resumes at epoch {epoch} batch {batch}, but "
+                f"this fit runs {epochs} epochs (0 to {epochs - 1}): it trains nothing. The "
+                "backed-up run had got that far; to train on, raise epochs, or delete the "
+                "directory to start from scratch.", stacklevel=2)
+        _private.set_initial_epoch(self.model, epoch)
+        self._resume = (epoch, batch)
+        _private.set_batches_to_skip(self.model, batch)
+
+    def _position(self, epoch, batches_done):
+        """Where training resumes after `batches_done` batches of `epoch`.
+
+        After an epoch's last batch that is the start of the next epoch: a
+        backup there resumes as `fit(initial_epoch=epoch + 1)` would, with
+        nothing to skip.
+        """
+        steps = (self.params or {}).get("steps")
+        if steps and batches_done >= steps:
+            return epoch + 1, 0
+        return epoch, batches_done
 
     # -- progress ----------------------------------------------------------------
 
@@ -201,9 +241,12 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._resume = None
             if (self._epoch, batch) != (epoch, skip):
                 raise RuntimeError(
-                    f"Resuming at epoch {epoch} batch {skip}, fit started at epoch "
-                    f"{self._epoch} batch {batch}: the training loop did not skip the "
-                    "batches of the backup. Use model.fit with a tf.data dataset or arrays.")
+                    f"The backup in {self.backup_dir} was taken after {skip} batches of "
+                    f"epoch {epoch}, so fit should have resumed at epoch {epoch} batch "
+                    f"{skip}, but its first batch is epoch {self._epoch} batch {batch}: the "
+                    "training loop did not skip the batches the backup had trained on. "
+                    "Resume with the model.fit call (dataset, batch size, steps_per_epoch) "
+                    "that wrote the backup.")
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches_done = batch + 1
@@ -211,11 +254,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self.save_freq != "epoch":
             self._since_save += 1
             if self._since_save >= self.save_freq:
-                self._save(self._epoch, self._batches_done)
+                self._save(*self._position(self._epoch, self._batches_done))
                 saved = True
         if self._watch is not None and self._watch.step_boundary():
             if not saved:
-                self._save(self._epoch, self._batches_done)
+                self._save(*self._position(self._epoch, self._batches_done))
             self._exit_preempted()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -224,8 +267,21 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self._watch is not None:
-            self._watch.stop()
+            if self._watch.stop(at_end=True):
+                # SIGTERM after the last step: fit is complete; keep that as a
+                # backup (a relaunch trains nothing and goes on to what
+                # follows fit) instead of removing the backups and exiting.
+                self._save(*self._position(self._epoch, self._batches_done))
+                self._exit_preempted()
+            signalled = self._watch.received
             self._watch = None
+            if signalled:
+                # Its SIGTERM came as the other workers ended fit (they had
+                # agreed to stop): this worker exits as SIGTERM outside a fit.
+                preemption.fit_ended(False)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        preemption.fit_ended(bool(self.delete_checkpoint))
         if self.delete_checkpoint and self._chief and tf.io.gfile.isdir(self.backup_dir):
             for name in tf.io.gfile.listdir(self.backup_dir):
                 if name == _POINTER or name.startswith("backup-"):
@@ -257,7 +313,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                     "own backup_dir (this job's backups stop here).")
             previous["weights"] = current["weights"] if current else None
             record = {"format": _FORMAT, "epoch": epoch, "batch": batch, "weights": name,
-                      "bytes": tf.io.gfile.stat(target).length, "sha256": _sha256(target),
+                      "bytes": tf.io.gfile.stat(target).length, "sha256": sha256_file(target),
                       "model": self._signature, "job": self._job, "time": time.time()}
             with open(path, "w") as f:
                 json.dump(record, f)
@@ -292,70 +348,3 @@ class BackupAndRestore(keras.callbacks.Callback):
             sys.stderr.flush()
             os._exit(PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE)
-
-
-# -- Keras' own callbacks under a ZeroStrategy -----------------------------------
-
-_KERAS_HOOKS = ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
-                "on_train_batch_end", "on_train_end")
-
-
-def _uses_zero_strategy(model):
-    return hasattr(getattr(model, "distribute_strategy", None), "zero_config")
-
-
-def _adopt_keras():
-    """Makes `keras.callbacks.BackupAndRestore` run as `BackupAndRestore` under a ZeroStrategy.
-
-    Keras' callback writes its weights and its epoch number as two files on
-    every worker (neither atomic, nor once), resumes a mid-epoch backup at the
-    start of its epoch, and ignores SIGTERM. Under a `ZeroStrategy` each of its
-    hooks is served by a tf_zero `BackupAndRestore` with the same `backup_dir`,
-    `save_freq` and `delete_checkpoint`; elsewhere it is unchanged.
-    """
-    cls = keras.callbacks.BackupAndRestore
-    if getattr(cls, "_tf_zero_adopted", False):
-        return
-    for hook in _KERAS_HOOKS:
-        original = getattr(cls, hook)
-
-        def delegate(self, *args, _hook=hook, _original=original, **kwargs):
-            if _hook == "on_train_begin":
-                self._tf_zero_engine = None
-                if _uses_zero_strategy(self.model):
-                    if not self.model.built:
-                        return _original(self, *args, **kwargs)  # Keras' own error
-                    engine = BackupAndRestore(self.backup_dir, save_freq=self.save_freq,
-                                              delete_checkpoint=self.delete_checkpoint)
-                    engine.set_model(self.model)
-                    self._tf_zero_engine = engine
-            engine = getattr(self, "_tf_zero_engine", None)
-            if engine is None:
-                return _original(self, *args, **kwargs)
-            return getattr(engine, _hook)(*args, **kwargs)
-
-        setattr(cls, hook, delegate)
-    cls._tf_zero_adopted = True
-
-    checkpoint = keras.callbacks.ModelCheckpoint
-    original_begin = checkpoint.on_train_begin
-
-    def multi_worker_begin(self, logs=None):
-        if saving.is_multi_worker(self.model):
-            if not self.save_weights_only and str(self.filepath).endswith((".h5", ".hdf5")):
-                raise ValueError(
-                    f"ModelCheckpoint({self.filepath!r}) would save the legacy HDF5 format, "
-                    "which cannot be written once and atomically under a multi-worker "
-                    "strategy. Use a '.keras' filepath (or save_weights_only=True with "
-                    "'.weights.h5').")
-            # Keras creates a missing directory on every worker at the first save
-            # (os.makedirs without exist_ok): all but one fail with FileExistsError.
-            directory = os.path.dirname(str(self.filepath))
-            if directory and "{" not in directory and "://" not in directory:
-                os.makedirs(directory, exist_ok=True)
-        return original_begin(self, logs)
-
-    checkpoint.on_train_begin = multi_worker_begin
-
-
-_adopt_keras()

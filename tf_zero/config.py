@@ -1,14 +1,70 @@
-"""ZeRO configuration as frozen, validated data."""
+"""ZeRO configuration as frozen, validated data: `ZeroConfig` and `Partition`.
+
+The one settings object of tf_zero. A `ZeroStrategy` holds one; a
+`ZeroOptimizer` overrides some of its fields (`ZeroConfig.override`). See
+docs/architecture.md.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import numbers
 
 STAGES = (1, 2, 3)
 REDUCE_DTYPES = (None, "float32", "float16", "bfloat16")
+PARAM_DTYPES = ("compute", "float32")
 DEFAULT_BUCKET_SIZE_BYTES = 8 * 1024 * 1024
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 DEFAULT_PREFETCH_DEPTH = 2
+
+
+class Partition(str, enum.Enum):
+    """How the optimizer state is split across replicas.
+
+    A `str` enum: `Partition.WHOLE == "whole"`, and configs serialize it as
+    the plain string.
+    """
+
+    ELEMENT = "element"
+    """Every variable split element-wise (element-wise optimizers)."""
+    WHOLE = "whole"
+    """Every variable owned whole by one replica (Lamb, Adafactor, Muon, a
+    MultiOptimizer: their update needs whole tensors)."""
+
+    def __str__(self):
+        return self.value
+
+
+def positive_int(name: str, value, low: int = 1) -> int:
+    """`value` as an `int` of at least `low` (NumPy integers accepted).
+
+    Raises:
+        ValueError: `value` is not an integer (or is a bool) or is below `low`.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int of at least {low}, got {value!r}.")
+    return int(value)
+
+
+def as_partition(value) -> Partition | None:
+    """`value` ("element", "whole", a `Partition` or None) as a `Partition`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if value is None or isinstance(value, Partition):
+        return value
+    try:
+        return Partition(value)
+    except ValueError:
+        raise ValueError(
+            f"partition must be one of {[p.value for p in Partition]} (or None: chosen "
+            f"from the optimizer), got {value!r}.") from None
+
+
+WORKER = "worker"
+"""`ZeroStrategy(shard_group_size=WORKER)`: a shard group per worker."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +84,11 @@ class ZeroConfig:
         reduce_dtype: dtype in which gradients travel during the
             reduce-scatter (`None`: the gradient's own dtype). The shard is
             summed and used in the variable's dtype.
-        persistence_threshold: stage 3 only: trainable float weights with
-            fewer elements than this stay replicated (biases, norms: gathering
-            them would cost more in launches than their memory is worth).
+        persistence_threshold: trainable float weights with fewer elements
+            than this stay replicated in their own dtype (biases, norms:
+            gathering them, or a bucket of their own, would cost more in
+            launches than their memory is worth): at stage 3 unsharded, at
+            stages 1-2 without a 16-bit working copy.
             0 shards every trainable float weight. The default, 100,000
             elements, is DeepSpeed's `stage3_param_persistence_threshold`.
         prefetch_depth: stage 3 only: how many layers' weights may be
@@ -43,6 +101,28 @@ class ZeroConfig:
             gathered weights are freed after the forward pass and gathered
             again when its gradient is computed. False keeps them alive from
             forward to backward (faster, but memory then grows with depth).
+        partition: how optimizer state is split (`Partition`); None chooses
+            from the optimizer: whole variables for Lamb, Adafactor, Muon and
+            a MultiOptimizer, element-wise for the others.
+        param_dtype: stages 1-2 under a mixed-precision policy: "compute"
+            (the default) keeps each float32 weight its layer reads in the
+            16-bit compute dtype as a 16-bit working copy on every replica,
+            its float32 master only in the replica's shard, and publishes
+            16-bit values; "float32" keeps float32 weights on every replica,
+            cast at each use, as Keras does. Weights read in float32 (autocast
+            off, a float32 layer policy, a regularizer) and weights below
+            `persistence_threshold` elements stay float32 either way. Applies
+            to weights created under `ZeroStrategy.scope()`.
+        shard_group_size: hybrid sharding (element partition): state (and
+            at stage 3 the weights) is sharded over groups of this many
+            consecutive replicas and replicated across the groups; gradients
+            are reduce-scattered inside the group, then each shard is
+            all-reduced across the groups, and the publish and stage 3's
+            gathers stay inside the group. None (default)
+            shards over every replica. A setting of `ZeroStrategy` (it fixes
+            the strategy's collective groups); it must divide the replica
+            count. `ZeroStrategy(shard_group_size="worker")` names the
+            devices of one worker (HSDP / hybrid sharding per host).
     """
 
     stage: int = 2
@@ -51,6 +131,9 @@ class ZeroConfig:
     persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH
     recompute: bool = True
+    partition: Partition | None = None
+    param_dtype: str = "compute"
+    shard_group_size: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stage, bool) or self.stage not in STAGES:
@@ -58,20 +141,49 @@ class ZeroConfig:
                 f"stage must be one of {STAGES}, got {self.stage!r}. Use "
                 "stage=1 to shard optimizer slots, stage=2 to also shard "
                 "gradients, stage=3 to also shard the weights.")
-        for name, low in (("persistence_threshold", 0), ("prefetch_depth", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int of at least {low}, got {value!r}.")
+        self._set("stage", int(self.stage))
+        self._set("persistence_threshold",
+                  positive_int("persistence_threshold", self.persistence_threshold, low=0))
+        self._set("prefetch_depth", positive_int("prefetch_depth", self.prefetch_depth))
         if not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be True or False, got {self.recompute!r}.")
-        if (not isinstance(self.bucket_size_bytes, int)
-                or isinstance(self.bucket_size_bytes, bool)
-                or self.bucket_size_bytes < 1024):
-            raise ValueError(
-                "bucket_size_bytes must be an int of at least 1024 (bytes), "
-                f"got {self.bucket_size_bytes!r}; the default is "
-                f"{DEFAULT_BUCKET_SIZE_BYTES}.")
+        try:
+            self._set("bucket_size_bytes",
+                      positive_int("bucket_size_bytes", self.bucket_size_bytes, low=1024))
+        except ValueError as e:
+            raise ValueError(f"{e} It is a size in bytes; the default is "
+                             f"{DEFAULT_BUCKET_SIZE_BYTES}.") from None
         if self.reduce_dtype not in REDUCE_DTYPES:
             raise ValueError(
                 f"reduce_dtype must be one of {REDUCE_DTYPES}, got "
                 f"{self.reduce_dtype!r}.")
+        self._set("partition", as_partition(self.partition))
+        if self.param_dtype is None:
+            self._set("param_dtype", "compute")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"param_dtype must be one of {PARAM_DTYPES} (or None: 'compute'), got "
+                f"{self.param_dtype!r}. 'float32' keeps float32 weights on every replica.")
+
+        if self.shard_group_size == WORKER:
+            raise ValueError(
+                'shard_group_size="worker" is resolved by ZeroStrategy (it knows the devices '
+                "of a worker): pass it to ZeroStrategy(shard_group_size=...), or give "
+                "ZeroConfig a number of replicas.")
+        if self.shard_group_size is not None:
+            self._set("shard_group_size",
+                      positive_int("shard_group_size", self.shard_group_size))
+
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)
+
+    def override(self, **settings) -> "ZeroConfig":
+        """A copy with every setting that is not None replaced (and validated).
+
+        How a `ZeroOptimizer`'s own settings apply over its strategy's.
+
+        Raises:
+            ValueError: an invalid setting (named); TypeError: an unknown one.
+        """
+        given = {k: v for k, v in settings.items() if v is not None}
+        return dataclasses.replace(self, **given)

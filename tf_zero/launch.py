@@ -7,6 +7,12 @@ the `--timeout` expires. It exits with 0 when all workers succeed, with the
 failing worker's status otherwise (124 on timeout), and never leaves a worker
 process behind.
 
+Workers die with the launcher: each asks the kernel, before it imports
+TensorFlow, to SIGKILL it when the launcher exits (Linux's
+`PR_SET_PDEATHSIG`), so a launcher that is itself SIGKILLed leaves no
+worker training on. `--port-base` ports are checked free before any worker
+starts, and a busy one is named.
+
 SIGTERM to the launcher (what a scheduler sends before it kills a job) is
 forwarded to every worker. Workers that save a backup on SIGTERM
 (`tf_zero.callbacks.BackupAndRestore`) exit with status 75 once the backup
@@ -27,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import runpy
 import signal
 import socket
 import subprocess
@@ -35,10 +40,35 @@ import sys
 import threading
 import time
 
-from tf_zero.preemption import PREEMPTED_EXIT_CODE
-
-DEVICES_ENV = "TF_ZERO_DEVICES_PER_WORKER"
+from tf_zero.fault.coordination import DEVICES_ENV, PREEMPTED_EXIT_CODE
 DEFAULT_PREEMPTION_GRACE = 60.0
+LAUNCHER_PID_ENV = "TF_ZERO_LAUNCHER_PID"
+
+# What each worker runs (`python -c`), self-contained so that nothing it does
+# not need is imported (TensorFlow takes seconds). First the kernel is asked to
+# SIGKILL the worker when the launcher dies (Linux; PR_SET_PDEATHSIG is 1), and
+# a launcher already gone by then means the worker leaves at once; elsewhere
+# the launcher's own shutdown still stops its workers, and only a SIGKILLed
+# launcher leaves them running. Then, with --devices-per-worker K on a machine
+# without GPUs, K logical CPU devices; then the script, as `python script`.
+_WORKER_ENTRY = f"""\
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(os.environ["{LAUNCHER_PID_ENV}"]):
+    sys.exit("tf_zero.launch: the launcher exited before this worker started")
+if os.environ.get("{DEVICES_ENV}"):
+    import tensorflow as tf
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * int(os.environ["{DEVICES_ENV}"]))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def free_ports(count: int) -> list[int]:
@@ -53,6 +83,20 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def busy_ports(ports) -> list[int]:
+    """Those of `ports` that a socket is bound to on 127.0.0.1 (TIME_WAIT
+    leftovers of earlier runs do not count: TensorFlow's server reuses them)."""
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
 
 
 def worker_environments(num_workers, ports, devices_per_worker=None, base_env=None):
@@ -75,8 +119,14 @@ def worker_environments(num_workers, ports, devices_per_worker=None, base_env=No
     return envs
 
 
-def _stream(prefix, pipe, sink, lock):
+# What TensorFlow prints when a worker's server cannot listen on its port.
+_PORT_FAILURE = "Could not start gRPC server"
+
+
+def _stream(prefix, pipe, sink, lock, seen=None):
     for line in iter(pipe.readline, ""):
+        if seen is not None and _PORT_FAILURE in line:
+            seen.add(_PORT_FAILURE)
         with lock:
             sink.write(f"{prefix} {line}")
             sink.flush()
@@ -130,22 +180,34 @@ def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
     if not os.path.exists(script):
         raise FileNotFoundError(f"no such script: {script}")
     out = out or sys.stdout
-    ports = (list(range(port_base, port_base + workers)) if port_base
-             else free_ports(workers))
+    if port_base:
+        ports = list(range(port_base, port_base + workers))
+        busy = busy_ports(ports)
+        if busy:
+            raise ValueError(
+                f"port{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} on 127.0.0.1 "
+                f"{'are' if len(busy) > 1 else 'is'} in use (--port-base {port_base} gives "
+                f"worker i port {port_base} + i): choose another --port-base, or leave it "
+                "out to use free ports.")
+    else:
+        ports = free_ports(workers)
     envs = worker_environments(workers, ports, devices_per_worker)
     lock = threading.Lock()
-    procs, threads = [], []
+    procs, threads, seen = [], [], []
     previous_handler = _forward_sigterm(procs, lock, out)
     try:
         for i, env in enumerate(envs):
-            cmd = [sys.executable, "-m", "tf_zero.launch", "--_bootstrap", script, *args]
+            env[LAUNCHER_PID_ENV] = str(os.getpid())
+            cmd = [sys.executable, "-c", _WORKER_ENTRY, script, *args]
             p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, bufsize=1, start_new_session=True)
             procs.append(p)
+            seen.append(set())
             with lock:
                 out.write(f"[launch] worker {i}: pid {p.pid}, port {ports[i]}\n")
                 out.flush()
-            t = threading.Thread(target=_stream, args=(f"[worker {i}]", p.stdout, out, lock),
+            t = threading.Thread(target=_stream,
+                                 args=(f"[worker {i}]", p.stdout, out, lock, seen[i]),
                                  daemon=True)
             t.start()
             threads.append(t)
@@ -176,8 +238,11 @@ def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
                 continue
             if failed:
                 i, code = failed[0]
+                threads[i].join(timeout=2)  # its last lines, which may say why
+                reason = (f" (it could not listen on 127.0.0.1:{ports[i]}: the port is in use)"
+                          if _PORT_FAILURE in seen[i] else "")
                 with lock:
-                    out.write(f"[launch] worker {i} exited with status {code}; "
+                    out.write(f"[launch] worker {i} exited with status {code}{reason}; "
                               "stopping the other workers\n")
                 return code if code > 0 else 128 - code
             if all(c == 0 for c in codes):
@@ -197,25 +262,8 @@ def launch(script, args=(), *, workers, devices_per_worker=None, port_base=None,
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _bootstrap(script, args):
-    """Inside a worker: set up logical CPU devices, then run the script."""
-    k = os.environ.get(DEVICES_ENV)
-    if k:
-        import tensorflow as tf
-
-        if not tf.config.list_physical_devices("GPU"):
-            cpu = tf.config.list_physical_devices("CPU")[0]
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration()] * int(k))
-    sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--_bootstrap"]:
-        return _bootstrap(argv[1], argv[2:])
     parser = argparse.ArgumentParser(
         prog="python -m tf_zero.launch",
         description="Run a training script as N local TF_CONFIG workers.")

@@ -1,4 +1,7 @@
-"""Per-replica memory of training state, read from the device components."""
+"""`memory_report`: per-replica bytes of training state, read from the
+variables' device components (never from a formula; `tf_zero.estimate`
+predicts). See docs/benchmarks.md.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from tf_zero import _private, support
-from tf_zero.optimizer import ZeroOptimizer
+from tf_zero import _private
+from tf_zero.state.partition import all_optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +79,60 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _add(acc, device, field, nbytes):
-    acc.setdefault(device, {}).setdefault(field, 0)
-    acc[device][field] += nbytes
-
-
 def _nbytes(component):
     return int(component.shape.num_elements()) * component.dtype.size
 
 
-def _unwrap(optimizer):
+def _count(acc, field, variables) -> None:
+    """Adds each device component's bytes of `variables` to `acc[device][field]`."""
+    for variable in variables:
+        for c in _private.components(variable):
+            acc.setdefault(c.device, {}).setdefault(field, 0)
+            acc[c.device][field] += _nbytes(c)
+
+
+def _full_bytes(variables) -> int:
+    return sum(int(v.shape.num_elements()) * tf.as_dtype(v.dtype).size for v in variables)
+
+
+def _without_loss_scaling(optimizer):
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     return optimizer
+
+
+def _sharded(acc, optimizer) -> tuple:
+    """Counts a sharded ZeroOptimizer's state; (model variables, unsharded
+    slot bytes, unsharded accumulator bytes)."""
+    shards = optimizer.shards
+    # (A stage-3 weight's shards are its "weights"; a working weight's master
+    # shards are weight shards beside its 16-bit copy.)
+    _count(acc, "weight_shards", [s for b, s in zip(shards.plan.buckets, shards.storage)
+                                  if not shards.arrives_reduced(b)])
+    _count(acc, "slots", [slot for slots in shards.slots for slot in slots])
+    _count(acc, "gradient_buffers", optimizer.gradient_buffers)
+    for owned in shards.owners.values():  # whole variables: slots on their owner
+        _count(acc, "slots", [slot for slots in owned.slot_lists.values() for slot in slots])
+        for run in owned.runs.values():  # split variables: a run on each replica
+            _count(acc, "weight_shards", [run.weight])
+            _count(acc, "slots", run.slots)
+    unsharded_slots = sum(
+        sum(bucket.size * tf.as_dtype(s.dtype).size for s in slots)
+        for bucket, slots in zip(shards.plan.buckets, shards.slots))
+    unsharded_slots += sum(  # every variable's, also those other workers own
+        int(tf.TensorShape(spec.shape).num_elements()) * spec.dtype.size
+        for specs in shards.slot_specs for spec in specs)
+    return list(shards.variables), unsharded_slots, optimizer.unsharded_gradient_buffer_bytes()
+
+
+def _plain(acc, optimizer) -> list:
+    """Counts a plain (or unsharded) optimizer's state; its model variables."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    skip = {id(v) for opt in all_optimizers(inner) for v in (
+        _private.iterations_variable(opt), _private.learning_rate_variable(opt))}
+    _count(acc, "slots", [v for v in inner.variables if id(v) not in skip])
+    _count(acc, "gradient_buffers", _private.accumulated_gradients(inner))
+    return _private.trained_variables(inner)
 
 
 def memory_report(optimizer, model=None) -> MemoryReport:
@@ -111,82 +155,32 @@ def memory_report(optimizer, model=None) -> MemoryReport:
     Raises:
         ValueError: the optimizer is not built yet.
     """
-    optimizer = _unwrap(optimizer)
+    if isinstance(optimizer, keras.Model):
+        raise TypeError(
+            "memory_report takes the optimizer first: memory_report(model.optimizer) (and "
+            "memory_report(model.optimizer, model) to count frozen weights too).")
+    optimizer = _without_loss_scaling(optimizer)
     if not optimizer.built:
         raise ValueError(
             "memory_report needs a built optimizer: call it after model.fit "
             "or optimizer.build(model.trainable_variables).")
     acc: dict = {}
-    if isinstance(optimizer, ZeroOptimizer) and optimizer.is_sharded:
+    if getattr(optimizer, "is_sharded", False):
         stage = optimizer.stage
-        shards = optimizer.shards
-        model_vars = list(shards.variables)
-        inner = optimizer.inner_optimizer
-        for bucket, shard in zip(shards.plan.buckets, shards.storage):
-            if shards.is_owned(bucket):
-                continue  # a stage-3 weight: counted under "weights" below
-            for c in _private.components(shard):
-                _add(acc, c.device, "weight_shards", _nbytes(c))
-        for slots in shards.slots:
-            for slot in slots:
-                for c in _private.components(slot):
-                    _add(acc, c.device, "slots", _nbytes(c))
-        for buf in optimizer.gradient_buffers:
-            for c in _private.components(buf):
-                _add(acc, c.device, "gradient_buffers", _nbytes(c))
-        unsharded_slots = sum(
-            sum(bucket.size * tf.as_dtype(s.dtype).size for s in slots)
-            for bucket, slots in zip(shards.plan.buckets, shards.slots))
-        for owned in shards.owners.values():  # whole variables: slots on their owner
-            for slots in owned.slot_lists.values():
-                for slot in slots:
-                    for c in _private.components(slot):
-                        _add(acc, c.device, "slots", _nbytes(c))
-            for run in owned.runs.values():  # split variables: a run on each replica
-                weight = _private.tf_variable(run.weight)
-                _add(acc, weight.device, "weight_shards", _nbytes(weight))
-                for slot in run.slots:
-                    slot = _private.tf_variable(slot)
-                    _add(acc, slot.device, "slots", _nbytes(slot))
-        unsharded_slots += sum(  # every variable's, also those other workers own
-            int(tf.TensorShape(spec.shape).num_elements()) * spec.dtype.size
-            for specs in shards.slot_specs for spec in specs)
-        unsharded_grads = optimizer.unsharded_gradient_buffer_bytes()
+        model_vars, unsharded_slots, unsharded_grads = _sharded(acc, optimizer)
     else:
         stage = 0
-        inner = optimizer.inner_optimizer if isinstance(optimizer, ZeroOptimizer) else optimizer
-        model_vars = _private.trained_variables(inner)
-        skip = {id(v) for opt in support.all_optimizers(inner) for v in (
-            _private.iterations_variable(opt), _private.learning_rate_variable(opt))}
-        slot_vars = [v for v in inner.variables if id(v) not in skip]
-        for slot in slot_vars:
-            for c in _private.components(slot):
-                _add(acc, c.device, "slots", _nbytes(c))
-        unsharded_slots = None
-        unsharded_grads = 0
-        for buf in _private.accumulated_gradients(inner):
-            for c in _private.components(buf):
-                _add(acc, c.device, "gradient_buffers", _nbytes(c))
-    for var in model_vars:
-        for c in _private.components(var):
-            _add(acc, c.device, "weights", _nbytes(c))
+        model_vars = _plain(acc, optimizer)
+    _count(acc, "weights", model_vars)
     trained = {id(_private.tf_variable(v)) for v in model_vars}
     frozen = [v for v in (model.weights if model is not None else [])
               if id(_private.tf_variable(v)) not in trained]
-    for var in frozen:
-        for c in _private.components(var):
-            _add(acc, c.device, "frozen_weights", _nbytes(c))
+    _count(acc, "frozen_weights", frozen)
     replicas = tuple(ReplicaMemory(device=d, **fields) for d, fields in sorted(acc.items()))
     first = replicas[0] if replicas else ReplicaMemory("none")
-    if unsharded_slots is None:
-        unsharded_slots = first.slots
-        unsharded_grads = first.gradient_buffers
-    full_weights = sum(int(v.shape.num_elements()) * tf.as_dtype(v.dtype).size
-                       for v in model_vars)
-    full_frozen = sum(int(v.shape.num_elements()) * tf.as_dtype(v.dtype).size
-                      for v in frozen)
-    unsharded = ReplicaMemory(device="unsharded (per replica)", weights=full_weights,
+    if stage == 0:
+        unsharded_slots, unsharded_grads = first.slots, first.gradient_buffers
+    unsharded = ReplicaMemory(device="unsharded (per replica)", weights=_full_bytes(model_vars),
                               slots=unsharded_slots, gradient_buffers=unsharded_grads,
-                              frozen_weights=full_frozen)
+                              frozen_weights=_full_bytes(frozen))
     return MemoryReport(stage=stage, replicas=replicas, unsharded=unsharded)
-

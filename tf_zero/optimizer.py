@@ -1,24 +1,12 @@
 """ZeroOptimizer: Keras' optimizer face of the sharded step.
 
-On each step, in replica context, the local gradients are laid into flat
-buckets following a `tf_zero.plan.ShardPlan` and reduce-scattered, so each
-replica receives the summed gradient of its 1/N slice of every bucket. One
-small all-reduce gives the true global statistics (gradient norms, the
-loss-scale overflow flag). The inner optimizer's own `update_step` updates the
-replica's slice of the weights with slots that exist only for that slice, and
-the slices are all-gathered back into every replica's model weights, which
-stay bitwise identical and remain the source of truth. Stage-3 weights
-(created sharded under `ZeroStrategy(stage=3).scope()`) arrive with reduced
-gradients and are updated in place. Clipping and weight decay are taken from
-the inner optimizer and applied to the *reduced* gradient, as in
-single-device training on the global batch.
-
-The class here validates its arguments (`tf_zero.support`), builds the state
-(`tf_zero.shards`), hands every `apply` to the step (`tf_zero.step`, which
-describes the chain part by part), forwards Keras' optimizer interface to the
-inner optimizer, and presents checkpoints as the plain inner optimizer's
-(`tf_zero.sharded_state`). `GradientAccumulationOptimizer` is the same
-optimizer with k > 1 micro-batches per update (`tf_zero.accumulation`).
+The class validates its arguments (`tf_zero.state.admission`), builds once
+through `tf_zero.state.build.build_state`, hands every `apply` to the step
+(`tf_zero.step.chain`), forwards Keras' optimizer interface to the inner
+optimizer, and presents checkpoints as the plain inner optimizer's
+(`tf_zero.checkpoint.optimizer_state`). `GradientAccumulationOptimizer` is
+the same optimizer with k > 1 micro-batches per update. The algorithm:
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -27,12 +15,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, sharded_state, support, update
-from tf_zero.accumulation import Accumulator, check_steps
-from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES, ZeroConfig
-from tf_zero.plan import ShardPlan
-from tf_zero.shards import Shards, build_shards, inner_in_scope, per_replica_creator
-from tf_zero.step import ShardedStep
+from tf_zero import _private
+from tf_zero.checkpoint.optimizer_state import CheckpointFace
+from tf_zero.config import Partition, ZeroConfig, positive_int
+from tf_zero.plan.layout import ShardPlan
+from tf_zero.state import admission
+from tf_zero.state.build import build_state
+from tf_zero.state.partition import choose_partition
+from tf_zero.state.shards import Shards
+from tf_zero.step.update import overwrite_with_averages
+
+_SETTINGS = ("stage", "bucket_size_bytes", "reduce_dtype", "partition")
+
 
 class _Inspection:
     """What a built `ZeroOptimizer` holds, read-only (for users and `memory_report`)."""
@@ -61,8 +55,9 @@ class _Inspection:
         return self._shards is not None
 
     @property
-    def partition(self) -> str:
-        """"element" (every variable split across replicas) or "whole"."""
+    def partition(self) -> Partition:
+        """`Partition.ELEMENT` (every variable split across replicas) or
+        `Partition.WHOLE` (a `str` enum: it equals "element" or "whole")."""
         return self._partition
 
     @property
@@ -85,7 +80,15 @@ class _Inspection:
 class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
     """ZeRO stages 1-3 around any Keras optimizer.
 
-    See the module docstring for the algorithm. Built by `model.fit`, by
+    On each step, in replica context, the local gradients are laid into flat
+    buckets (`tf_zero.plan`) and reduce-scattered, so each replica receives
+    the summed gradient of its 1/N slice; one small all-reduce gives the true
+    global statistics (norms, the loss-scale overflow flag); the inner
+    optimizer's own `update_step` updates the replica's slice with slots that
+    exist only for it; the slices are all-gathered back into every replica's
+    weights. Stage-3 weights arrive with reduced gradients and are updated in
+    place. Clipping and weight decay apply to the reduced gradient, as in
+    single-device training on the global batch. Built by `model.fit`, by
     `optimizer.build(variables)` under `strategy.scope()`, or by the first
     `apply_gradients` (also inside `strategy.run`, traced or eager). With no
     distribution strategy it delegates to the inner optimizer and behaves
@@ -110,7 +113,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
 
     Raises:
         TypeError: `inner_optimizer` is not a Keras optimizer.
-        ValueError: the inner optimizer uses EMA or Keras'
+        ValueError: the inner optimizer uses Keras'
             `gradient_accumulation_steps`, `partition="element"` is asked of an
             optimizer that needs whole tensors, or an argument is invalid.
     """
@@ -118,24 +121,26 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
     # A ZeroOptimizer passed to ZeroOptimizer(...) is refused; the subclass
     # GradientAccumulationOptimizer sets this to be unwrapped instead.
     _wrappable = False
+    # Keras optimizers not driven by tf_zero are refused on sharded weights
+    # (`tf_zero._private.refuse_sharded_weights`); this one updates them.
+    _tf_zero_updates_shards = True
 
     def __init__(self, inner_optimizer, *, stage=None, bucket_size_bytes=None,
                  reduce_dtype=None, accumulation_steps=1, partition=None, name=None,
                  **kwargs):
+        requested = {"stage": stage, "bucket_size_bytes": bucket_size_bytes,
+                     "reduce_dtype": reduce_dtype, "partition": partition}
         if isinstance(inner_optimizer, ZeroOptimizer) and inner_optimizer._wrappable:
             # ZeroOptimizer(GradientAccumulationOptimizer(opt, k)) is the same
             # optimizer as GradientAccumulationOptimizer(ZeroOptimizer(opt), k).
             accumulation_steps = inner_optimizer.accumulation_steps
-            partition = partition or inner_optimizer.get_config()["partition"]
-            inner_optimizer, stage, bucket_size_bytes, reduce_dtype = _unwrap(
-                inner_optimizer, stage, bucket_size_bytes, reduce_dtype)
-        support.validate(inner_optimizer, stage, bucket_size_bytes, reduce_dtype,
-                         accumulation_steps, kwargs)
+            inner_optimizer, requested = _settings_under(inner_optimizer, requested)
+        requested, accumulation_steps = admission.validate(
+            inner_optimizer, requested, accumulation_steps, kwargs)
         super().__init__(learning_rate=0.0, name=name or f"zero_{inner_optimizer.name}")
         self._inner = inner_optimizer
-        self._requested = {"stage": stage, "bucket_size_bytes": bucket_size_bytes,
-                           "reduce_dtype": reduce_dtype, "partition": partition}
-        self._partition = support.choose_partition(inner_optimizer, partition)
+        self._requested = requested
+        self._partition = choose_partition(inner_optimizer, requested["partition"])
         self._accumulation_steps = accumulation_steps
         self._accumulator = None
         self._zero_config = None
@@ -143,7 +148,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
         self._shards = None
         self._step = None
         self._pending_load = None
-        self._checkpoint = sharded_state.CheckpointFace(inner_optimizer)
+        self._checkpoint = CheckpointFace(inner_optimizer)
 
     # ---- forwarding ------------------------------------------------------------
 
@@ -174,7 +179,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
         """
         if self.built and len(self._checkpoint.items):
             return list(self._checkpoint.items)
-        return self._variables + self._inner.variables
+        return _private.own_variables(self) + self._inner.variables
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Excludes variables from the inner optimizer's weight decay."""
@@ -195,7 +200,7 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
         written to every replica's copy of its variable.)
         """
         if self._shards is not None:
-            update.overwrite_with_averages(self._shards, self._checkpoint.items)
+            overwrite_with_averages(self._shards, self._checkpoint.items)
         else:
             self._inner.finalize_variable_values(var_list)
 
@@ -229,40 +234,13 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
 
     @_private.without_keras_tracking
     def _build(self, var_list):
-        strategy = tf.distribute.get_strategy()
-        config = self._zero_config = _resolve_config(self._requested, strategy)
-        self._model_variables = [v for v in var_list
-                                 if v.trainable and keras.backend.is_float_dtype(v.dtype)]
-        if self._accumulation_steps > 1:
-            self._accumulator = Accumulator(self._accumulation_steps)
-        if not tf.distribute.has_strategy() or isinstance(
-                strategy, tf.distribute.OneDeviceStrategy):
-            with _private.keras_tracking():  # as the plain optimizer would build
-                self._inner.build(var_list)
-            self._checkpoint.add_unsharded(self._inner, var_list)
-            if self._accumulator:
-                self._accumulator.build_unsharded(self._model_variables)
-        else:
-            self._inner = inner = inner_in_scope(self._inner, strategy)
-            if self._partition == "whole":
-                support.check_whole_partition(inner, config, self._model_variables)
-            support.check_stage3(config, strategy, self._model_variables,
-                                 support.all_optimizers(inner))
-            self._shards = build_shards(inner, self._model_variables, strategy,
-                                        config.bucket_size_bytes, config.reduce_dtype,
-                                        partition=self._partition)
-            for v in self._shards.storage:
-                self._track_variable(v)
-            self._checkpoint.add_sharded(inner, self._shards)
-            if self._accumulator:
-                with tf.variable_creator_scope(per_replica_creator):
-                    self._accumulator.build_sharded(self._shards, config.stage)
-            self._step = ShardedStep(self._shards, inner, self._accumulator)
-            # Every buffer the step writes, allocated now rather than by the
-            # first step's copy-on-write among its temporaries.
-            _private.own_buffers([
-                *self._model_variables, *self._shards.storage, *self.gradient_buffers,
-                *(v for opt in support.all_optimizers(inner) for v in opt.variables)])
+        state = build_state(self._inner, var_list, self._requested, self._partition,
+                            self._accumulation_steps, self._checkpoint)
+        self._inner, self._zero_config = state.inner, state.config
+        self._model_variables = list(state.model_variables)
+        self._accumulator, self._shards, self._step = state.accumulator, state.shards, state.step
+        for v in state.shards.storage if state.shards is not None else ():
+            _private.track_variable(self, v)
         super().build(var_list)
         if self._pending_load is not None:
             values, self._pending_load = self._pending_load, None
@@ -340,9 +318,12 @@ class ZeroOptimizer(_Inspection, keras.optimizers.Optimizer):
     # ---- serialization -------------------------------------------------------
 
     def get_config(self):
+        requested = dict(self._requested)
+        if requested["partition"] is not None:
+            requested["partition"] = str(requested["partition"])
         return {"name": self.name,
                 "inner_optimizer": keras.saving.serialize_keras_object(self._inner),
-                **self._requested, "accumulation_steps": self._accumulation_steps}
+                **requested, "accumulation_steps": self._accumulation_steps}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -377,19 +358,20 @@ class GradientAccumulationOptimizer(ZeroOptimizer):
     _wrappable = True
 
     def __init__(self, inner_optimizer, steps=None, *, stage=None, bucket_size_bytes=None,
-                 reduce_dtype=None, name=None, accumulation_steps=None, **kwargs):
-        steps = check_steps(steps if steps is not None else accumulation_steps)
+                 reduce_dtype=None, name=None, accumulation_steps=None, partition=None,
+                 **kwargs):
+        steps = positive_int("steps", steps if steps is not None else accumulation_steps)
+        requested = {"stage": stage, "bucket_size_bytes": bucket_size_bytes,
+                     "reduce_dtype": reduce_dtype, "partition": partition}
         if isinstance(inner_optimizer, ZeroOptimizer):
             if inner_optimizer.accumulation_steps > 1:
                 raise ValueError(
                     "The inner optimizer already accumulates gradients; wrap the "
                     "plain optimizer once: GradientAccumulationOptimizer(Adam(), steps=k).")
-            kwargs.setdefault("partition", inner_optimizer.get_config()["partition"])
-            inner_optimizer, stage, bucket_size_bytes, reduce_dtype = _unwrap(
-                inner_optimizer, stage, bucket_size_bytes, reduce_dtype)
-        super().__init__(inner_optimizer, stage=stage, bucket_size_bytes=bucket_size_bytes,
-                         reduce_dtype=reduce_dtype, accumulation_steps=steps,
-                         name=name or f"accumulate_{inner_optimizer.name}", **kwargs)
+            inner_optimizer, requested = _settings_under(inner_optimizer, requested)
+        super().__init__(inner_optimizer, accumulation_steps=steps,
+                         name=name or f"accumulate_{inner_optimizer.name}",
+                         **requested, **kwargs)
 
     @property
     def steps(self) -> int:
@@ -401,19 +383,10 @@ class GradientAccumulationOptimizer(ZeroOptimizer):
         return config
 
 
-def _unwrap(zero_optimizer, stage, bucket_size_bytes, reduce_dtype):
-    """(inner optimizer, stage, bucket size, reduce dtype) for a wrapper of
-    `zero_optimizer`: the wrapper's explicit settings, else its."""
+def _settings_under(zero_optimizer, requested: dict):
+    """(inner optimizer, settings) of a wrapper of `zero_optimizer`: the
+    wrapper's explicit settings, else the wrapped one's."""
     config = zero_optimizer.get_config()
-    return (zero_optimizer.inner_optimizer, stage or config["stage"],
-            bucket_size_bytes or config["bucket_size_bytes"],
-            reduce_dtype or config["reduce_dtype"])
-
-
-def _resolve_config(requested, strategy) -> ZeroConfig:
-    base = getattr(strategy, "zero_config", None)
-    return ZeroConfig(
-        stage=requested["stage"] or (base.stage if base else 1),
-        bucket_size_bytes=requested["bucket_size_bytes"] or (
-            base.bucket_size_bytes if base else DEFAULT_BUCKET_SIZE_BYTES),
-        reduce_dtype=requested["reduce_dtype"] or (base.reduce_dtype if base else None))
+    return zero_optimizer.inner_optimizer, {
+        key: requested[key] if requested[key] is not None else config[key]
+        for key in _SETTINGS}

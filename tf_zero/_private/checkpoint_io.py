@@ -11,7 +11,8 @@ and is what partitioned variables used; a sliced state object answers
 `sliced_objects` finds such objects under a root with the checkpoint keys a
 save of that root gives them, and `matched_objects` with the keys a saved
 checkpoint holds them under, so that tf_zero can write and read their slices
-itself, a few at a time.
+itself, a few at a time; `unmatched_values` what a restore would leave out
+on either side.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tensorflow.python.checkpoint import graph_view as _graph_view
 from tensorflow.python.checkpoint import save_util as _save_util
 from tensorflow.python.trackable import trackable_utils as _trackable_utils
 from tensorflow.python.training.saving import saveable_object as _saveable_object
+from tensorflow.python.training.saving import saveable_object_util as _saveable_object_util
 
 from tf_zero._private.keras_optimizer import VARIABLE_VALUE_KEY
 
@@ -94,6 +96,87 @@ def matched_objects(root, save_path, is_wanted) -> list[tuple[str, object]]:
     return found
 
 
+def _saved_object_graph(save_path):
+    reader = tf.train.load_checkpoint(save_path)
+    if not reader.has_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"):
+        return None, reader
+    graph = _object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    return graph, reader
+
+
+def holds_checkpoint_value(obj) -> bool:
+    """Whether a checkpoint of `obj` stores a value for it (a variable, a
+    sliced state object), as opposed to a container of other objects."""
+    return (_saveable_object_util.trackable_has_serialize_to_tensor(obj)
+            or bool(obj._gather_saveables_for_checkpoint()))
+
+
+def unmatched_values(root, save_path):
+    """What a restore of checkpoint `save_path` into `root` would leave out,
+    found without restoring anything: the saved object graph and the live
+    objects are walked together from the root, child by child name, as
+    TensorFlow's restore matches them.
+
+    Returns:
+        None for a checkpoint without an object graph (name-based). Otherwise
+        `(saved_only, live_only)`. `saved_only` lists each value the checkpoint
+        holds that no live object matches, as `(checkpoint key, shape, path,
+        missing, live)`: `path` the names from the root to it, `missing` the
+        first name on that path the live objects lack, `live` the live objects
+        matched along the path before it. `live_only` lists each live object
+        holding a value that the checkpoint has no value for, as `(object,
+        path, missing)`: `missing` the first name on its path the checkpoint
+        lacks, or None when the checkpoint has the object without a value.
+    """
+    graph, reader = _saved_object_graph(save_path)
+    if graph is None:
+        return None
+    shapes = reader.get_variable_to_shape_map()
+    view = _graph_view.ObjectGraphView(root)
+    matched = {0: root}  # saved node id -> live object
+    # Saved nodes in breadth-first order, each with its path of names and the
+    # live objects matched along it (up to the first name the live side lacks).
+    walk = {0: ((), (root,), None)}
+    queue = [0]
+    while queue:
+        node_id = queue.pop(0)
+        path, live_chain, missing = walk[node_id]
+        obj = matched.get(node_id)
+        live = ({child.name: child.ref for child in view.list_children(obj)}
+                if obj is not None else {})
+        for child in graph.nodes[node_id].children:
+            ref = live.get(child.local_name)
+            # A node already reached stays as it was, unless this path is the
+            # first to match it (the same object can hang under several parents).
+            if child.node_id in matched or (child.node_id in walk and ref is None):
+                continue
+            if ref is not None:
+                matched[child.node_id] = ref
+            walk[child.node_id] = (
+                path + (child.local_name,),
+                live_chain + (ref,) if ref is not None else live_chain,
+                missing if missing is not None or ref is not None else child.local_name)
+            queue.append(child.node_id)
+    saved_only = []
+    for node_id, (path, live_chain, missing) in walk.items():
+        keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
+        if node_id not in matched and keys:
+            saved_only.append((keys[0], tuple(shapes.get(keys[0], ())), path, missing,
+                               live_chain))
+    with_value = {id(matched[i]) for i in matched if graph.nodes[i].attributes}
+    seen = {id(obj) for obj in matched.values()}
+    live_only = []
+    objects, paths = view.breadth_first_traversal()
+    for obj in objects:
+        if id(obj) in with_value or not holds_checkpoint_value(obj):
+            continue
+        names = tuple(ref.name for ref in paths[obj])
+        missing = next((ref.name for ref in paths[obj] if id(ref.ref) not in seen), None)
+        live_only.append((obj, names, missing))
+    return saved_only, live_only
+
+
 def serialize_only(root) -> None:
     """Serializes `root` as `tf.train.Checkpoint(root).write` would, writing
     nothing: a worker whose file would be discarded still joins the
@@ -106,3 +189,14 @@ def run_write_callbacks(options, save_path) -> None:
     record the checkpoint in the directory's "checkpoint" file)."""
     if options is not None and options.experimental_write_callbacks:
         _checkpoint._execute_callbacks(options.experimental_write_callbacks, save_path)
+
+
+def write_checkpoint(checkpoint, file_prefix, options=None):
+    """TensorFlow's own write of a `tf.train.Checkpoint` (the method that
+    `tf_zero.Checkpoint` overrides)."""
+    return tf.train.Checkpoint._write(checkpoint, file_prefix, options=options)
+
+
+def track_trackable(parent, child, name: str) -> None:
+    """Makes `child` the checkpoint dependency `name` of `parent`."""
+    parent._track_trackable(child, name=name, overwrite=True)

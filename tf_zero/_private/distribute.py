@@ -4,11 +4,14 @@ service's key-value store."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import threading
 
 import keras
 import tensorflow as tf
+from tensorflow.python.data.ops import multi_device_iterator_ops as _multi_device_iterator_ops
 from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
 from tensorflow.python.distribute import distribute_lib as _distribute_lib
 from tensorflow.python.distribute import values as _values
@@ -99,14 +102,43 @@ def collective_launcher(strategy):
     return launchers[local_replica_index()]
 
 
-class LaunchParams:
-    """What a raw collective op needs, read from a launcher."""
+# Sub-groups (hybrid sharding): a strategy's own group keys count up from its
+# key base, a few per device set; tf_zero's sub-groups take the upper half of
+# the base's stride. Their instance keys are counted per (group, device) here,
+# in trace order, as the launcher counts its own group's.
+SUBGROUP_KEY_OFFSET = _KEY_STRIDE // 2
+_subgroup_instance_keys = {}
 
-    def __init__(self, launcher, options=None):
+
+def collective_key_base(strategy) -> int:
+    """The key base of a collective strategy (its first group key - 1)."""
+    return int(strategy._collective_key_base)
+
+
+def _next_subgroup_instance_key(group_key, device) -> int:
+    with _key_lock:
+        counter = _subgroup_instance_keys.setdefault((group_key, device), itertools.count(1))
+        return next(counter)
+
+
+class LaunchParams:
+    """What a raw collective op needs, read from a launcher.
+
+    `group` = (size, key) launches on a sub-group of the strategy's replicas
+    instead of all of them; the launcher's ordering token still chains every
+    collective of the device, whatever its group (without it, collectives of
+    a new group key hang on logical CPU devices).
+    """
+
+    def __init__(self, launcher, options=None, group=None):
         merged = launcher._options.merge(options)
-        self.group_size = launcher._group_size
-        self.group_key = launcher._group_key
-        self.instance_key = launcher._next_instance_key()
+        if group is None:
+            self.group_size = launcher._group_size
+            self.group_key = launcher._group_key
+            self.instance_key = launcher._next_instance_key()
+        else:
+            self.group_size, self.group_key = int(group[0]), int(group[1])
+            self.instance_key = _next_subgroup_instance_key(self.group_key, launcher._device)
         self.ordering_token = launcher._get_ordering_token()
         self.device = launcher._device
         self.hint = merged.implementation.value
@@ -151,11 +183,12 @@ def raw_reduce_scatter(x, params: LaunchParams):
 def tf_variable(variable):
     """The `tf.Variable` (possibly distributed) behind a Keras variable.
 
-    For a stage-3 sharded weight this is its per-replica shard variable.
+    For a weight tf_zero stores, what every replica keeps of it: a stage-3
+    weight's per-replica shard variable, a working weight's 16-bit copy.
     """
     if isinstance(variable, keras.Variable):
         variable = variable._value
-    return getattr(variable, "_tf_zero_shard", variable)
+    return getattr(variable, "_tf_zero_variable", variable)
 
 
 def eager_mode():
@@ -171,9 +204,16 @@ def in_save_context() -> bool:
 
 
 def sharded_storage(variable):
-    """The `tf_zero.stage3.ShardedVariable` behind a Keras variable, or None."""
+    """The `tf_zero.weights.storage.ShardedStorage` behind a Keras variable (a
+    stage-3 `ShardedVariable` or a `WorkingVariable`), or None."""
     value = getattr(variable, "_value", variable)
     return value if hasattr(value, "_tf_zero_shard") else None
+
+
+def is_sharded(variable) -> bool:
+    """Whether a Keras or TensorFlow variable is a stage-3 sharded weight."""
+    storage = sharded_storage(variable)
+    return storage is not None and storage.gathers_on_read
 
 
 def components(variable):
@@ -182,6 +222,19 @@ def components(variable):
     if isinstance(var, _values.DistributedVariable):
         return tuple(var.values)
     return (var,)
+
+
+def uninitialized(variables) -> list:
+    """Those of `variables` (Keras or tf) with a component holding no value yet.
+
+    A variable first created inside a `tf.function` being traced (a model
+    without an `Input`, built by its first call in the traced step) gets its
+    initial value only when the function runs; read eagerly before that it
+    has none. Eager (lifted out of any function being traced).
+    """
+    with tf.init_scope():
+        return [v for v in variables
+                if not all(bool(c.is_initialized()) for c in components(v))]
 
 
 def own_buffers(variables, min_bytes: int = 1 << 16) -> None:
@@ -194,9 +247,8 @@ def own_buffers(variables, min_bytes: int = 1 << 16) -> None:
     it. Inside the first training step that copy is allocated among the
     step's temporaries, and TensorFlow's BFC allocator hands out a free block
     whole unless it is at least twice the request (or 128 MiB larger), so a
-    variable can keep up to twice its size for the rest of the run: on a
-    1B-parameter Llama at stage 3, 3.3 GiB beyond the 11.3 GiB of weights and
-    slots. Copied here, before any step, every buffer is allocated in a pool
+    variable can keep up to twice its size for the rest of the run (measured
+    in docs/benchmarks.md). Copied here, before any step, every buffer is allocated in a pool
     without temporaries and later writes happen in place. Eager; float
     components of at least `min_bytes`; values unchanged.
     """
@@ -233,6 +285,27 @@ def is_sync_on_read(variable) -> bool:
     return isinstance(tf_variable(variable), _values.SyncOnReadVariable)
 
 
+@contextlib.contextmanager
+def _without_log_message(prefix: str):
+    """Drops TensorFlow's Python log records that start with `prefix`."""
+    logger = tf.get_logger()
+    drop = _DropMessage(prefix)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix):
+        super().__init__()
+        self._prefix = prefix
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self._prefix)
+
+
 class LocalDevicesExtended(_cars.CollectiveAllReduceExtended):
     """Collective strategy internals that can give a CPU worker K replicas.
 
@@ -248,6 +321,17 @@ class LocalDevicesExtended(_cars.CollectiveAllReduceExtended):
         super().__init__(container_strategy, cluster_resolver=cluster_resolver,
                          communication_options=communication_options,
                          devices=devices)
+
+    def _initialize_local(self, cluster_resolver, devices=None):
+        # A one-worker collective strategy asks TensorFlow for the scoped
+        # allocator rewrite of `CollectiveReduce`, which can only be configured
+        # before the eager context starts; later (always, once logical devices
+        # are listed) it warns "Collective ops is not configured at program
+        # startup". The rewrite is for that op; tf.distribute's collectives
+        # are `CollectiveReduceV2` and tf_zero's are V2 ops too, so nothing
+        # is lost and the warning is dropped.
+        with _without_log_message("Collective ops is not configured at program startup"):
+            super()._initialize_local(cluster_resolver, devices=devices)
 
     def _initialize_local_devices(self, cluster_resolver, worker_device):
         if self._devices_per_worker and not tf.config.list_logical_devices("GPU"):
@@ -358,3 +442,23 @@ def local_variable_creator(device: str):
 def is_composite_tensor(value) -> bool:
     """A `tf.SparseTensor`, `tf.RaggedTensor` or other composite tensor."""
     return isinstance(value, tf.__internal__.CompositeTensor)
+
+
+# A distributed dataset's iterator feeds each local device through a pipeline
+# of its own (a generator pulling from the shared source, then `prefetch(1)`),
+# which by default runs a tf.data autotuning thread although it has nothing
+# to tune. Releasing an iterator waits for each such thread, up to a minute
+# apiece (see `keras_training`), and a process holds four of them per
+# iterator on 4 local devices: the per-device pipelines are built without
+# autotuning. The source pipeline, the user's, keeps its options.
+def device_dataset_without_autotuning(create_device_dataset):
+    """`multi_device_iterator_ops._create_device_dataset`, with autotuning off."""
+
+    def create(*args, **kwargs):
+        dataset = create_device_dataset(*args, **kwargs)
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return dataset.with_options(options)
+
+    create.__wrapped__ = create_device_dataset
+    return create

@@ -15,7 +15,7 @@ from tf_zero._private.distribute import sharded_storage
 # `merge_call` + `extended.update`, which would update a shard as if it were
 # a mirrored variable. An inner optimizer driven by tf_zero runs the plain
 # backend-agnostic loop instead (still calling any subclass override first,
-# e.g. Nadam's per-step momentum-product update).
+# e.g. Nadam's per-step momentum-product update). Installed by `patches`.
 from keras.src.backend.tensorflow import optimizer as _keras_tf_optimizer  # noqa: E402
 from keras.src.optimizers import base_optimizer as _keras_base_optimizer  # noqa: E402
 
@@ -26,16 +26,65 @@ def _local_backend_update_step(self, grads, trainable_variables, learning_rate):
     if getattr(self, "_tf_zero_local_update", False):
         return _keras_base_optimizer.BaseOptimizer._backend_update_step(
             self, grads, trainable_variables, learning_rate)
-    for v in trainable_variables:
-        if sharded_storage(v) is not None:
-            raise ValueError(
-                f"{v.path} is a weight sharded by ZeroStrategy(stage=3); "
-                f"{type(self).__name__} cannot update it. Compile with "
-                f"tf_zero.ZeroOptimizer({type(self).__name__}(...)).")
+    refuse_sharded_weights(self, trainable_variables)
     return _tf_backend_update_step(self, grads, trainable_variables, learning_rate)
 
 
-_keras_tf_optimizer.TFOptimizer._backend_update_step = _local_backend_update_step
+# A Keras optimizer that tf_zero does not drive cannot train a weight stored as
+# shards: its build colocates each slot with the weight, which TensorFlow
+# refuses for anything but a variable of the strategy ('colocate_vars_with'),
+# and its update would write the weight as a mirrored variable. It is refused
+# when it is built on such weights (`_build_refusing_sharded`, installed by
+# `patches`), before any of its variables exists, and when asked to update.
+
+def updates_shards(optimizer) -> bool:
+    """Whether tf_zero drives `optimizer`'s updates: a `ZeroOptimizer`, an
+    inner optimizer it updates shards with, or a wrapper (a Keras
+    `LossScaleOptimizer`) of one."""
+    while optimizer is not None:
+        if (getattr(optimizer, "_tf_zero_local_update", False)
+                or getattr(optimizer, "_tf_zero_updates_shards", False)):
+            return True
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return False
+
+
+def refuse_sharded_weights(optimizer, variables) -> None:
+    """Raises, naming the fix, if `optimizer` is a Keras optimizer tf_zero does
+    not drive and one of `variables` is stored as shards.
+
+    Raises:
+        ValueError: a weight is a stage-3 `ShardedVariable` or a
+            `WorkingVariable` and `optimizer` is not (around) a ZeroOptimizer.
+    """
+    if updates_shards(optimizer):
+        return
+    for v in variables:
+        if sharded_storage(v) is not None:
+            name = type(optimizer).__name__
+            inner = getattr(optimizer, "inner_optimizer", None)
+            fix = (f"{name}(tf_zero.ZeroOptimizer({type(inner).__name__}(...)))"
+                   if inner is not None else f"tf_zero.ZeroOptimizer({name}(...))")
+            raise ValueError(
+                f"{getattr(v, 'path', v.name)} is stored by ZeroStrategy as float32 shards "
+                f"(stage 3, or a 16-bit working copy at stages 1-2); {name} cannot "
+                f"train it. Compile with {fix} to train (evaluate and predict work with "
+                "any optimizer).")
+
+
+def can_update(optimizer, variables) -> bool:
+    """Whether `refuse_sharded_weights(optimizer, variables)` passes."""
+    return updates_shards(optimizer) or not any(
+        sharded_storage(v) is not None for v in variables)
+
+
+_keras_tf_optimizer_build = _keras_tf_optimizer.TFOptimizer.build
+
+
+def _build_refusing_sharded(self, variables):
+    refuse_sharded_weights(self, variables)
+    return _keras_tf_optimizer_build(self, variables)
+
 
 
 def mark_local_update(optimizer) -> None:
@@ -67,7 +116,8 @@ def register_keras_saving_skiplist(obj_type: str, extra=()) -> None:
 
 # Keras' LossScaleOptimizer decides on overflow from replica 0's unreduced
 # gradients. When its inner optimizer is a sharded ZeroOptimizer, the inner
-# optimizer's `_apply_scaled` runs the whole step instead (see loss_scale.py).
+# optimizer's `_apply_scaled` runs the whole step instead (step/loss_scale.py).
+# Installed by `patches`.
 from keras.src.optimizers import loss_scale_optimizer as _keras_lso  # noqa: E402
 
 _keras_lso_tf_apply = _keras_lso.LossScaleOptimizer._tf_apply
@@ -79,8 +129,6 @@ def _lso_tf_apply(self, grads, trainable_variables=None):
         return None
     return _keras_lso_tf_apply(self, grads, trainable_variables)
 
-
-_keras_lso.LossScaleOptimizer._tf_apply = _lso_tf_apply
 
 
 def iterations_variable(optimizer):
@@ -208,6 +256,13 @@ def without_keras_tracking(method):
     return tracking.no_automatic_dependency_tracking(method)
 
 
+def is_multi_optimizer(optimizer) -> bool:
+    """Whether `optimizer` is a `keras.optimizers.MultiOptimizer`."""
+    # Keras has MultiOptimizer from 3.15 on; before it no optimizer is one.
+    multi = getattr(keras.optimizers, "MultiOptimizer", None)
+    return multi is not None and isinstance(optimizer, multi)
+
+
 def multi_optimizer_choices(multi, variables) -> list:
     """The optimizer a `keras.optimizers.MultiOptimizer` gives each variable.
 
@@ -223,8 +278,8 @@ def multi_optimizer_choices(multi, variables) -> list:
     for variable in variables:
         opt = multi._optimizer_map(variable)
         if (not isinstance(opt, keras.optimizers.Optimizer)
-                or isinstance(opt, (keras.optimizers.LossScaleOptimizer,
-                                    keras.optimizers.MultiOptimizer))):
+                or isinstance(opt, keras.optimizers.LossScaleOptimizer)
+                or is_multi_optimizer(opt)):
             raise ValueError(
                 f"The MultiOptimizer's map gives {variable.path} the optimizer "
                 f"{opt!r}; it must give a plain Keras optimizer (not a "
@@ -239,3 +294,37 @@ def multi_optimizer_choices(multi, variables) -> list:
 def muon_uses_adamw(muon, variable) -> bool:
     """Whether Keras' Muon updates `variable` with its element-wise AdamW."""
     return bool(muon._should_use_adamw(variable))
+
+
+def own_variables(optimizer) -> list:
+    """The variables Keras' base optimizer keeps itself (its step counter and
+    learning rate), before any slot."""
+    return list(optimizer._variables)
+
+
+def track_variable(optimizer, variable) -> None:
+    """Makes `variable` one of the optimizer's own variables (Keras' tracking)."""
+    optimizer._track_variable(variable)
+
+
+def variable_path(variable) -> str:
+    """A Keras variable's path; for a raw `tf.Variable`, its name without ":0"."""
+    path = getattr(variable, "path", None)
+    return path if path is not None else variable.name.split(":")[0]
+
+
+def slot_prefix(variable) -> str:
+    """The prefix of the names Keras gives a variable's slots: its path with
+    "/" turned into "_", then "_" (`add_variable_from_reference`)."""
+    return variable_path(variable).replace("/", "_") + "_"
+
+
+# Optimizers whose build() initializes a slot from its variable's value, by
+# Keras class name: (slot names).
+_SLOTS_INITIALIZED_FROM_VARIABLE = {"ScheduleFreeAdamW": ("momentum",)}
+
+
+def slots_initialized_from_variable(optimizer) -> tuple:
+    """Names of the slots `optimizer.build` fills from the variable's value
+    (not zeros), which a sharded build must fill from the shard afterwards."""
+    return _SLOTS_INITIALIZED_FROM_VARIABLE.get(type(optimizer).__name__, ())

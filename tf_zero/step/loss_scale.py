@@ -1,15 +1,11 @@
 """Dynamic loss scaling that every replica agrees on.
 
 Keras' `LossScaleOptimizer` decides "finite or not" from replica 0's local,
-unreduced gradients, so an overflow on another replica reaches the weights.
-When it wraps a sharded `ZeroOptimizer` (which `model.compile` does by itself
-under the `mixed_float16` policy) tf_zero takes over its apply step: the
-overflow check runs on the reduced gradient shards and is all-reduced with
-the other gradient statistics, so every replica sees the same flag. On an
-overflow every replica skips the step together, the scale is halved and the
-growth counter reset; after `dynamic_growth_steps` finite steps in a row the
-scale doubles, on Keras' schedule. The scale state stays in the
-`LossScaleOptimizer`'s own variables, so its checkpoints are unchanged.
+unreduced gradients. Over a sharded `ZeroOptimizer` the overflow check runs
+on the reduced shards inside the statistics all-reduce instead, so every
+replica skips an overflowing step together; these functions then move the
+scale on Keras' schedule, in the `LossScaleOptimizer`'s own variables. See
+docs/mixed-precision.md.
 """
 
 from __future__ import annotations

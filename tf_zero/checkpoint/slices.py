@@ -1,22 +1,24 @@
 """Checkpoint slices: a flat run of a tensor as TensorFlow checkpoint slices.
 
 A TensorFlow checkpoint can store one tensor as several slices, each a
-hyper-rectangle of the full tensor (the way partitioned variables were saved;
-`SaveV2`'s `shape_and_slices`), and its reader assembles any requested slice,
-or the full tensor, from whichever stored slices overlap it. A replica's
-shard holds contiguous runs of flattened variables, and a run of a
-multi-dimensional tensor is in general not one rectangle: a partial first
-row, a block of whole rows, a partial last row, recursively. `flat_slices`
-splits a run into those rectangles, in flattened order, so that a shard is
-written as its own slices and read back from any other split of the tensor.
+hyper-rectangle of the full tensor (`SaveV2`'s `shape_and_slices`), and its
+reader assembles any requested slice from whichever stored slices overlap it.
+A replica's shard holds contiguous runs of flattened variables, and a run of
+a multi-dimensional tensor is in general not one rectangle: `flat_slices`
+splits it into rectangles, in flattened order. `local_slices` and
+`write_slices` read and write a replica's runs as such slices, in place.
+See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
+
+import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,3 +152,58 @@ def split_run(start: int, stop: int, max_elements: int | None):
     """`[start, stop)` in consecutive runs of at most `max_elements` (all of it if None)."""
     step = max(1, int(max_elements)) if max_elements else stop - start
     return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+
+# ---- a replica's runs, read and written as slices ----------------------------
+
+
+def local_slices(runs, shape, max_elements=None) -> list:
+    """(spec, read, dtype, device) of every checkpoint slice of `runs`
+    ([(component, first element, elements, offset in the component)])."""
+    out = []
+    for comp, start, size, offset in runs:
+        for a, b in split_run(start, start + size, max_elements):
+            for s in flat_slices(shape, a, b):
+                out.append((s.spec, functools.partial(read_slice, comp, offset + s.flat_start - start, s),
+                            comp.dtype, comp.device))
+    return out
+
+
+def write_slices(runs, shape, restored: dict) -> None:
+    """Writes restored slices ({spec: tensor}; "" for the whole tensor) into the
+    parts of `runs` they cover, each straight into its place: no joined copy.
+    A slice is written into every run that holds it (under hybrid sharding
+    each shard group holds the same pieces)."""
+    for spec, value in restored.items():
+        if not spec:
+            flat = tf.reshape(value, [-1])
+            for comp, start, size, offset in runs:
+                write_run(comp, offset, flat[start:start + size])
+            continue
+        first, count = parse_spec(spec, shape)
+        holders = [(comp, start, offset) for comp, start, size, offset in runs
+                   if start <= first and first + count <= start + size]
+        if not holders:
+            raise ValueError(f"checkpoint slice {spec!r} is not within this worker's pieces")
+        for comp, start, offset in holders:
+            write_run(comp, offset + first - start, value)
+
+
+def write_run(component, offset, value) -> None:
+    """Writes `value`, flattened, into `component[offset:]` in place.
+
+    (`component[a:b].assign(...)` reads the variable first, and the read keeps
+    its buffer shared: TensorFlow then copies the whole variable to write.)
+    """
+    value = tf.reshape(value, [-1])
+    with tf.device(component.device):
+        tf.raw_ops.ResourceStridedSliceAssign(
+            ref=component.handle, begin=[offset], end=[offset + int(value.shape[0])],
+            strides=[1], value=tf.cast(value, component.dtype))
+
+
+def read_slice(component, offset, piece_slice):
+    """One checkpoint slice, read from a replica's shard without a copy."""
+    with tf.device(component.device):
+        flat = component.read_value()[offset:offset + piece_slice.size]
+        return tf.reshape(flat, piece_slice.extent)

@@ -1,29 +1,22 @@
-"""The step's first links: local gradients, then their reduced shards.
+"""Links 1 and 3 of the step: flat local gradients, then their reduced shards.
 
-`local_gradients` takes the gradients Keras hands to `apply` (dense tensors,
-`IndexedSlices`, None for a frozen variable) and makes each a flat, dense
-tensor whose length comes from its variable, never from the gradient: a
-tied embedding's gradient (a lookup plus a projection) has no static length.
-`flat_bucket` lays one bucket's local gradients end to end with its padding,
-and `reduce_to_shards` reduce-scatters every bucket, so each replica holds
-the summed gradient of its own slice. A stage-3 weight's gradient arrives
-already reduced (the backward pass of its gather reduce-scatters it) and is
-used as it is.
+`local_gradients` makes each gradient Keras hands to `apply` (dense,
+`IndexedSlices`, None for a frozen variable) flat and dense, its length from
+the variable; `reduce_to_shards` lays each bucket's gradients end to end with
+its padding and reduce-scatters it, so each replica holds the summed gradient
+of its own slice. A stage-3 weight's gradient arrives reduced already (its
+gather's backward pass reduce-scatters it). See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_zero import collectives
-from tf_zero.flat import dense_flat
-from tf_zero.plan import Bucket
-from tf_zero.sharded_state import variable_path
-from tf_zero.sharded_variable import is_sharded
-from tf_zero.shards import Shards
+from tf_zero import _private, collectives
+from tf_zero.plan.layout import Bucket
 
 
-def local_gradients(shards: Shards, grads, variables) -> tuple[list, frozenset]:
+def local_gradients(shards, grads, variables) -> tuple[list, frozenset]:
     """Flat gradients by plan index, and the indices that have none.
 
     Raises:
@@ -37,7 +30,7 @@ def local_gradients(shards: Shards, grads, variables) -> tuple[list, frozenset]:
             if g is None or not v.trainable:
                 continue
             raise ValueError(
-                f"Variable {variable_path(v)} was not known when "
+                f"Variable {_private.variable_path(v)} was not known when "
                 "ZeroOptimizer was built (by optimizer.build or by the first "
                 "apply_gradients). Build it on all trainable variables: call "
                 "optimizer.build(model.trainable_variables) under strategy.scope() "
@@ -46,15 +39,15 @@ def local_gradients(shards: Shards, grads, variables) -> tuple[list, frozenset]:
     return flat, frozenset(i for i, g in enumerate(flat) if g is None)
 
 
-def _flat_gradient(shards: Shards, i: int, grad) -> tf.Tensor:
+def _flat_gradient(shards, i: int, grad) -> tf.Tensor:
     """Variable `i`'s gradient, flat and dense, its length from the plan.
 
     A stage-3 weight's gradient is its reduced shard; any other is the local
     gradient of the whole variable.
     """
     var = shards.variables[i]
-    if not is_sharded(var):
-        return dense_flat(grad, var.shape)
+    if not _private.is_sharded(var):
+        return collectives.dense_flat(grad, var.shape)
     ((b, _),) = shards.plan.variable_segments(i)
     bucket = shards.plan.buckets[b]
     if isinstance(grad, tf.IndexedSlices) or (
@@ -62,10 +55,8 @@ def _flat_gradient(shards: Shards, i: int, grad) -> tf.Tensor:
         # A gradient of the whole weight (given by hand, not by the gather's
         # backward pass) is this replica's local gradient: reduce-scatter it
         # like a stage-2 bucket of its own.
-        flat = tf.cast(dense_flat(grad, var.shape), bucket.dtype)
-        if bucket.padding:
-            flat = tf.concat([flat, tf.zeros([bucket.padding], bucket.dtype)], 0)
-        return reduce_scatter(flat, shards.reduce_dtype)
+        flat = tf.cast(collectives.dense_flat(grad, var.shape), bucket.dtype)
+        return reduce_scatter(collectives.pad(flat, bucket.padded_size), shards.reduce_dtype)
     return tf.reshape(tf.convert_to_tensor(grad), [bucket.shard_size])
 
 
@@ -81,12 +72,12 @@ def flat_bucket(bucket: Bucket, flat_grads) -> tf.Tensor:
         else:
             parts.append(tf.cast(g[seg.start:seg.start + seg.size], bucket.dtype))
         position = seg.offset + seg.size
-    if position < bucket.padded_size:
-        parts.append(tf.zeros([bucket.padded_size - position], bucket.dtype))
-    return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+    if not parts:
+        return tf.zeros([bucket.padded_size], bucket.dtype)
+    return collectives.pad(collectives.join(parts), bucket.padded_size)
 
 
-def owned_gradient(bucket: Bucket, flat_grads) -> tf.Tensor:
+def stored_gradient(bucket: Bucket, flat_grads) -> tf.Tensor:
     """A stage-3 weight's gradient: already the summed shard."""
     g = flat_grads[bucket.segments[0].variable]
     if g is None:
@@ -94,13 +85,13 @@ def owned_gradient(bucket: Bucket, flat_grads) -> tf.Tensor:
     return tf.cast(g, bucket.dtype)
 
 
-def local_buckets(shards: Shards, flat_grads) -> list:
+def local_buckets(shards, flat_grads) -> list:
     """Every bucket's local gradient (a stage-3 weight's: its reduced shard)."""
-    return [owned_gradient(b, flat_grads) if shards.is_owned(b) else flat_bucket(b, flat_grads)
-            for b in shards.plan.buckets]
+    return [stored_gradient(b, flat_grads) if shards.arrives_reduced(b)
+            else flat_bucket(b, flat_grads) for b in shards.plan.buckets]
 
 
-def scatter_buckets(shards: Shards, bucket_grads) -> list:
+def scatter_buckets(shards, bucket_grads) -> list:
     """Reduce-scatters the local bucket gradients into this replica's shards.
 
     The collectives are launched last bucket first. A replica's collectives
@@ -112,17 +103,27 @@ def scatter_buckets(shards: Shards, bucket_grads) -> list:
     shard_grads = [None] * len(bucket_grads)
     for j in reversed(range(len(bucket_grads))):
         b, g = shards.plan.buckets[j], bucket_grads[j]
-        shard_grads[j] = g if shards.is_owned(b) else reduce_scatter(g, shards.reduce_dtype)
+        shard_grads[j] = (g if shards.arrives_reduced(b)
+                          else reduce_scatter(g, shards.reduce_dtype, shards.groups))
     return shard_grads
 
 
-def reduce_to_shards(shards: Shards, flat_grads) -> list:
+def reduce_to_shards(shards, flat_grads) -> list:
     """This replica's summed gradient shard of every bucket."""
     return scatter_buckets(shards, local_buckets(shards, flat_grads))
 
 
-def reduce_scatter(flat: tf.Tensor, reduce_dtype=None) -> tf.Tensor:
-    """`collectives.reduce_scatter`, in `reduce_dtype` when one is set."""
-    if reduce_dtype and tf.as_dtype(reduce_dtype) != flat.dtype:
-        return tf.cast(collectives.reduce_scatter(tf.cast(flat, reduce_dtype)), flat.dtype)
-    return collectives.reduce_scatter(flat)
+def reduce_scatter(flat: tf.Tensor, reduce_dtype=None, groups=None) -> tf.Tensor:
+    """`collectives.reduce_scatter`, in `reduce_dtype` when one is set.
+
+    Under hybrid sharding (`groups`: shard group, replica group) the
+    reduce-scatter spans the shard group and its shard is then all-reduced
+    across the groups, in the same dtype: every replica holding shard `s`
+    receives the sum over all replicas.
+    """
+    within, across = groups if groups else (None, None)
+    wire = flat if not reduce_dtype else tf.cast(flat, reduce_dtype)
+    shard = collectives.reduce_scatter(wire, group=within)
+    if across is not None:
+        shard = collectives.all_reduce_sum(shard, group=across)
+    return tf.cast(shard, flat.dtype) if shard.dtype != flat.dtype else shard

@@ -1,19 +1,12 @@
-"""The sharded optimizer state: shard variables and their slots, per replica.
+"""The sharded optimizer state (`Shards`): shard variables and their slots.
 
-`build_shards` turns a model's trainable variables into the state record the
-sharded step reads and writes (`Shards`). It computes the plan
-(`tf_zero.plan.plan_shards`), creates for every bucket a flat shard variable
-with one component per local replica (the replica's slice of the bucket,
-filled from the model's weights), and builds the inner optimizer on those
-shards, so every slot it creates has the shard's shape and exists only for
-the slice. A stage-3 weight is a bucket of its own whose shard is the
-weight's storage: nothing is copied for it. Any variable at least a bucket
-large is a bucket of its own too (`plan.fills_a_bucket`), so that its
-gradient and its gathered weight need no copy into or out of a bucket.
-
-Under the whole-variable partition (`plan_owners`, for optimizers that need
-whole tensors) there are no shard variables: each variable's optimizer lives
-on the replica that owns it (`tf_zero.owners`).
+`build_shards` plans the model's trainable variables (`tf_zero.plan`),
+creates for every bucket a flat per-replica shard variable filled from the
+model's weights, and builds the inner optimizer on those shards, so each slot
+exists only for the replica's slice. A stage-3 weight's storage is its
+bucket's shard ("stored": nothing is copied for it). Under the whole-variable
+partition each variable's optimizer lives on its owner instead
+(`tf_zero.state.owners`). Read this file first; docs/architecture.md says why.
 """
 
 from __future__ import annotations
@@ -24,15 +17,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private
-from tf_zero.owners import build_owned, plain_slot_specs, state_bytes
-from tf_zero.plan import Bucket, ShardPlan, fills_a_bucket, plan_owners, plan_shards
-from tf_zero.sharded_variable import is_sharded
-from tf_zero.support import all_optimizers, split_variables, variable_optimizers
-
-# Optimizers whose build() initializes a slot from the variable's value; the
-# shards do not hold their values yet when build() runs on all replicas at once.
-_SLOTS_INITIALIZED_FROM_VARIABLE = {"ScheduleFreeAdamW": ("momentum",)}
+from tf_zero import _private, collectives
+from tf_zero.config import Partition
+from tf_zero.plan.element import fills_a_bucket, plan_shards
+from tf_zero.plan.layout import Bucket, ShardPlan
+from tf_zero.plan.whole import plan_owners
+from tf_zero.state.owners import build_owned, plain_slot_specs, state_bytes
+from tf_zero.state.partition import all_optimizers, split_variables, variable_optimizers
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,8 +36,12 @@ class Shards:
         storage: per bucket, the flat sync-on-read shard variable (one
             component of `bucket.shard_size` elements per local replica).
         slots: per bucket, the inner optimizer's slots of that shard.
-        owned: indices of the buckets whose shard is a stage-3 weight's
-            storage (updated in place, never all-gathered).
+        stored: indices of the buckets whose shard is a weight's own float32
+            master (`tf_zero.weights`: a stage-3 weight, whose gradient
+            arrives reduced and which is never all-gathered, or a working
+            weight): updated in place.
+        working: the stored buckets of working weights: published into the
+            16-bit working copy, cast before the all-gather.
         strategy: the strategy the state lives on.
         reduce_dtype: dtype of the reduce-scatter, or None (the bucket's).
         owners: whole-variable partition only: {local rank:
@@ -57,31 +52,63 @@ class Shards:
         slot_specs: whole-variable partition only: per variable, the name,
             shape and dtype of each slot its optimizer keeps for it, known on
             every worker (`tf_zero.owners.plain_slot_specs`).
+        groups: hybrid sharding only: (shard group, replica group), the
+            `tf_zero.collectives.Subgroup`s the step's collectives span: the
+            plan has one shard per member of a shard group, and replica `r`
+            holds shard `r % K`.
     """
 
     plan: ShardPlan
     variables: tuple
     storage: tuple
     slots: tuple
-    owned: frozenset
+    stored: frozenset
     strategy: object
     reduce_dtype: str | None = None
+    working: frozenset = frozenset()
     owners: dict = dataclasses.field(default_factory=dict)
     optimizers: tuple = ()
     slot_specs: tuple = ()
+    groups: tuple | None = None
+
+    @property
+    def shard_group(self):
+        """The `Subgroup` a reduce-scatter, publish or statistic spans (None:
+        every replica)."""
+        return self.groups[0] if self.groups else None
+
+    @property
+    def replica_group(self):
+        """Hybrid sharding: the `Subgroup` across which shards are all-reduced."""
+        return self.groups[1] if self.groups else None
+
+    def shard_rank(self, rank: int) -> int:
+        """The shard global replica `rank` holds."""
+        return rank % self.groups[0].group_size if self.groups else rank
 
     @property
     def whole(self) -> bool:
         """Whether variables are owned whole (else split element-wise)."""
-        return self.plan.partition == "whole"
+        return self.plan.partition == Partition.WHOLE
 
     @property
-    def owned_variables(self) -> frozenset:
-        """Indices of the stage-3 weights (each owns one bucket)."""
-        return frozenset(self.plan.buckets[b].segments[0].variable for b in self.owned)
+    def stored_variables(self) -> frozenset:
+        """Indices of the stage-3 weights (each stored in one bucket's shards)."""
+        return frozenset(self.plan.buckets[b].segments[0].variable for b in self.stored)
 
-    def is_owned(self, bucket: Bucket) -> bool:
-        return bucket.index in self.owned
+    def is_stored(self, bucket: Bucket) -> bool:
+        """Whether `bucket`'s shard is a weight's own float32 master."""
+        return bucket.index in self.stored
+
+    def arrives_reduced(self, bucket: Bucket) -> bool:
+        """Whether `bucket`'s gradient arrives reduced (a stage-3 weight's)."""
+        return bucket.index in self.stored and bucket.index not in self.working
+
+    def working_storage(self, bucket: Bucket):
+        """The `WorkingVariable` whose master is `bucket`'s shard, or None."""
+        if bucket.index not in self.working:
+            return None
+        return _private.sharded_storage(self.variables[bucket.segments[0].variable])
 
     def read_weight_shard(self, bucket: Bucket, rank: int) -> tf.Tensor:
         """Replica `rank`'s slice of a bucket, read from the model's weights
@@ -97,58 +124,60 @@ class Shards:
                 continue
             value = _read(self.variables[p.variable])
             parts.append(tf.reshape(value, [-1])[p.start:p.start + p.size])
-        covered = sum(p.size for p in pieces)
-        if covered < bucket.shard_size:
-            parts.append(tf.zeros([bucket.shard_size - covered], bucket.dtype))
-        return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
-
-
-def shard_mask(bucket: Bucket, pieces, predicate) -> tf.Tensor:
-    """A boolean mask over a shard: True on the pieces `predicate` selects."""
-    mask = np.zeros([bucket.shard_size], dtype=bool)
-    for p in pieces:
-        if predicate(p):
-            mask[p.offset:p.offset + p.size] = True
-    return tf.constant(mask)
+        return collectives.pad(collectives.join(parts), bucket.shard_size) if parts else \
+            tf.zeros([bucket.shard_size], bucket.dtype)
 
 
 def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=None,
-                 partition="element") -> Shards:
+                 partition=Partition.ELEMENT, optimizers=None, shard_group_size=None) -> Shards:
     """Plans `variables`, creates their shards and builds `inner` on them.
 
     Runs in cross-replica context under `strategy.scope()`. With
-    `partition="whole"`, plans owners instead and builds each variable's
-    optimizer on its owner (`tf_zero.owners`).
+    `Partition.WHOLE`, plans owners instead and builds each variable's
+    optimizer on its owner (`tf_zero.state.owners`): `optimizers`, per
+    variable (default: `variable_optimizers`, which a MultiOptimizer's map may
+    answer with new optimizers at every call).
+
+    With `shard_group_size` K (hybrid sharding, element partition), plans K
+    shards: the replicas of each group of K hold one copy of the state.
 
     Raises:
         ValueError: the inner optimizer creates a variable that is not an
             element-wise slot of a shard (it is not element-wise).
     """
     n = strategy.num_replicas_in_sync
+    groups = None
+    if shard_group_size is not None:
+        groups = collectives.shard_groups(strategy, shard_group_size)
+        n = shard_group_size
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
-    if partition == "whole":
-        optimizers = variable_optimizers(inner, variables)
+    if partition == Partition.WHOLE:
+        if optimizers is None:
+            optimizers = variable_optimizers(inner, variables)
         specs = plain_slot_specs(optimizers, variables)
         plan = plan_owners([tuple(v.shape) for v in variables], dtypes, n, bucket_size_bytes,
                            costs=state_bytes(specs),
                            split=split_variables(inner, optimizers, variables))
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
-                      owned=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
+                      stored=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
                       owners=build_owned(optimizers, variables, plan, strategy, specs),
                       optimizers=optimizers, slot_specs=specs)
-    owned = [is_sharded(v) for v in variables]
+    stored = [_private.sharded_storage(v) is not None for v in variables]
     shapes = [tuple(v.shape) for v in variables]
     # A stage-3 weight is its bucket's storage; any variable at least a bucket
     # large is published without a copy from a bucket of its own.
     alone = [o or fills_a_bucket(shape, dtype, bucket_size_bytes)
-             for o, shape, dtype in zip(owned, shapes, dtypes)]
+             for o, shape, dtype in zip(stored, shapes, dtypes)]
     plan = plan_shards(shapes, dtypes, n, bucket_size_bytes, alone=alone)
-    owned_buckets = frozenset(
-        b.index for b in plan.buckets if owned[b.segments[0].variable])
+    stored_buckets = frozenset(
+        b.index for b in plan.buckets if stored[b.segments[0].variable])
+    working_buckets = frozenset(
+        b for b in stored_buckets
+        if not _private.is_sharded(variables[plan.buckets[b].segments[0].variable]))
     storage = []
     for bucket in plan.buckets:
         name = f"zero_shard_{bucket.index}"
-        if bucket.index in owned_buckets:
+        if bucket.index in stored_buckets:
             # A stage-3 weight: its storage already is this bucket's shard.
             shard = _private.sharded_storage(variables[bucket.segments[0].variable]).shard
             storage.append(_private.keras_view(
@@ -159,14 +188,17 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
             dtype=bucket.dtype, trainable=False, name=name,
             synchronization="on_read", aggregation="only_first_replica"))
     shards = Shards(plan=plan, variables=tuple(variables), storage=tuple(storage), slots=(),
-                    owned=owned_buckets, strategy=strategy, reduce_dtype=reduce_dtype)
+                    stored=stored_buckets, working=working_buckets, strategy=strategy,
+                    reduce_dtype=reduce_dtype, groups=groups)
     _fill_from_model(shards)
     before = len(inner.variables)
     _private.mark_local_update(inner)
     with tf.variable_creator_scope(per_replica_creator):
         inner.build(storage)
     slots = _match_slots(inner, storage, inner.variables[before:])
-    for name in _SLOTS_INITIALIZED_FROM_VARIABLE.get(type(inner).__name__, ()):
+    # Such slots start from the weight, which the shards did not hold yet when
+    # build() ran on all replicas at once.
+    for name in _private.slots_initialized_from_variable(inner):
         for shard, bucket_slots in zip(storage, slots):
             for slot in bucket_slots:
                 if slot.name.endswith("_" + name):
@@ -225,11 +257,11 @@ def _fill_from_model(shards: Shards) -> None:
     ranks = _private.local_replica_ranks(shards.strategy)
     flat = {}
     for bucket, shard in zip(shards.plan.buckets, shards.storage):
-        if shards.is_owned(bucket):
+        if shards.is_stored(bucket):
             continue
         for rank, comp in zip(ranks, _private.components(shard)):
             parts = []
-            for p in bucket.shard_pieces(rank):
+            for p in bucket.shard_pieces(shards.shard_rank(rank)):
                 if p.variable not in flat:
                     value = shards.variables[p.variable].numpy()
                     flat[p.variable] = np.asarray(value).reshape(-1)
@@ -249,7 +281,7 @@ def _match_slots(inner, storage, slots):
     element-wise: refuse it rather than mis-shard it.
     """
     by_bucket = [[] for _ in storage]
-    prefixes = [(i, s.path.replace("/", "_") + "_") for i, s in enumerate(storage)]
+    prefixes = [(i, _private.slot_prefix(s)) for i, s in enumerate(storage)]
     prefixes.sort(key=lambda p: -len(p[1]))
     for slot in slots:
         for i, prefix in prefixes:

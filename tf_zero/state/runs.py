@@ -1,19 +1,11 @@
 """Split variables inside the whole-variable partition: each replica's run.
 
-A variable that its optimizer updates element by element (the embeddings,
-vectors and norms Muon leaves to its AdamW, or a variable a MultiOptimizer
-gives to an element-wise optimizer) need not be owned whole:
-`plan_owners(split=...)` pours such variables into the replicas' streams
-after the whole ones, so each replica holds one contiguous run of some of
-them, and a large embedding no longer sets the busiest replica's share.
-
-For each of its runs a replica keeps a flat copy of that part of the weight
-(a plain variable on its device) and an optimizer built on it: a copy of the
-variable's optimizer, on a view named like the model variable, so its slots
-carry the plain optimizer's names, with the run's length. The copy is
-refreshed from the model's weights before every update (they stay the source
-of truth), updated by the optimizer's own `update_step`, and published by the
-all-gather. A checkpoint sees each slot whole (`RunSlot`).
+A variable its optimizer updates element by element (the embeddings and
+vectors Muon leaves to its AdamW, or a MultiOptimizer's element-wise picks)
+is poured by `plan_owners(split=...)` in runs over the replicas. For each run
+a replica keeps a flat copy of that part of the weight, refreshed from the
+model before every update, and a copy of the variable's optimizer built on it
+(slots named as the plain optimizer's). See docs/whole-variable.md.
 """
 
 from __future__ import annotations
@@ -24,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.slot_face import PlacedSlot
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,41 +86,3 @@ def refresh(runs: dict, variables) -> None:
     for run in runs.values():
         local = _private.local_component(variables[run.variable])
         run.weight.assign(tf.reshape(local.read_value(), [-1])[run.start:run.start + run.size])
-
-
-class RunSlot(PlacedSlot):
-    """Checkpoint face of one slot of a split variable, seen whole.
-
-    Each replica holding a run of the variable keeps that run of the slot;
-    saving joins the runs in order (across workers, a collective gather of
-    every replica's run), restoring writes each local replica its run.
-    Scalar slots (the same on every run) are read from the first run.
-    """
-
-    def _runs(self) -> dict:
-        """{rank: Run} of this worker's replicas, in rank order (= run order)."""
-        return {rank: owned.runs[self._index]
-                for rank, owned in sorted(self._shards.owners.items())
-                if self._index in owned.runs}
-
-    def _parts(self) -> dict:
-        return {rank: run.slots[self._position] for rank, run in self._runs().items()}
-
-    def value(self) -> tf.Tensor:
-        if _private.in_multi_worker_mode(self._shards.strategy):
-            flat = self._gathered()
-        else:
-            with tf.device("/cpu:0"):
-                slots = list(self._parts().values())
-                flat = tf.concat([tf.reshape(s.value, [-1]) for s in slots], 0)
-        with tf.device("/cpu:0"):
-            return tf.reshape(flat if self.shape else flat[:1], self.shape)
-
-    def _write(self, value):
-        flat = tf.reshape(tf.cast(value, self.dtype), [-1])
-        for run in self._runs().values():
-            slot = run.slots[self._position]
-            if len(slot.shape) == 0:
-                slot.assign(flat[0] if self.shape else tf.reshape(flat, []))
-            else:
-                slot.assign(flat[run.start:run.start + run.size])

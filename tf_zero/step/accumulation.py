@@ -1,57 +1,21 @@
-"""Gradient accumulation that is correct under distribution: k-step windows.
+"""Link 2 of the step: k-step gradient accumulation, correct under distribution.
 
-`GradientAccumulationOptimizer(inner, steps=k)` (a `ZeroOptimizer` with
-`accumulation_steps=k`) applies, every k-th call, the mean gradient of the
-last k micro-batches; the other calls only accumulate. The `Accumulator` here
-is that link of the step: it sits between the local gradients and the
-update, and where its buffers live and when gradients travel depends on the
-ZeRO stage:
-
-* stage 1: each replica adds its local gradient to a full-size local buffer
-  and communicates nothing; the k-th micro-step reduce-scatters the buffer
-  once, updates the shards and all-gathers the weights.
-* stage 2 (and stage-3 weights, whose gradients arrive reduced): every
-  micro-step reduce-scatters its gradient and adds the shard to a shard-size
-  buffer (1/N of stage 1's); the k-th micro-step updates and all-gathers.
-* no strategy: full-size buffers and the inner optimizer's own `apply`.
-
-Semantics, stated once:
-
-* `optimizer.iterations` counts updates (one per window of k micro-steps), as
-  if each window were one large batch. Adam's bias correction and learning
-  rate schedules therefore match training on batches k times larger. (Keras'
-  own `gradient_accumulation_steps` counts micro-steps instead, and fails to
-  trace under `MirroredStrategy`, keras-team/keras#20582.)
-* A window is k calls; it does not restart at an epoch boundary. An epoch that
-  ends mid-window carries its partial sum into the next epoch.
-* Under `mixed_float16` the scale only changes at window boundaries. An
-  overflow in any micro-step of a window, on any replica, skips that window's
-  update on every replica, halves the scale and empties the buffers;
-  `iterations` does not advance.
-* Checkpoints hold the optimizer state between windows; the partial sum of
-  an unfinished window is not saved (save at window boundaries, e.g. with
-  `steps_per_epoch` a multiple of k).
+`GradientAccumulationOptimizer(inner, steps=k)` applies, every k-th call,
+the mean gradient of the last k micro-batches. The `Accumulator` keeps a
+full-size local sum at stage 1 (no communication until the window ends) and
+a reduce-scattered shard sum at stage 2 (and for stage-3 weights); the
+window's branch is decided by a counter every replica advances alike. The
+semantics (what `iterations` counts, windows across epochs, loss scaling,
+checkpoints) are stated in docs/accumulation.md.
 """
 
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, gradients
-
-
-def check_steps(steps) -> int:
-    """`steps` as an int.
-
-    Raises:
-        ValueError: `steps` is not a positive int.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(
-            f"steps must be a positive int (micro-batches per update), got {steps!r}.")
-    return int(steps)
+from tf_zero import _private
+from tf_zero.step import gradients
 
 
 class Accumulator:
@@ -70,13 +34,13 @@ class Accumulator:
     def build_sharded(self, shards, stage: int) -> None:
         """Per-replica buffers: full buckets at stage 1, shards otherwise.
 
-        Call under `tf_zero.shards.per_replica_creator`.
+        Call under `tf_zero.state.shards.per_replica_creator`.
         """
         self._local_sums = stage == 1
         self.micro_step = self._counter()
         self.buffers = tuple(keras.Variable(
             initializer="zeros", trainable=False, dtype=b.dtype,
-            shape=(b.padded_size if self._local_sums and not shards.is_owned(b)
+            shape=(b.padded_size if self._local_sums and not shards.arrives_reduced(b)
                    else b.shard_size,),
             name=f"zero_grad_buffer_{b.index}",
             synchronization="on_read", aggregation="only_first_replica")
@@ -103,11 +67,18 @@ class Accumulator:
         if self._local_sums:
             # Local full-size sums; the window's only reduce-scatter is at its end.
             contributions = gradients.local_buckets(shards, flat_grads)
+
+            def reduce_and_finish(sums):
+                with tf.name_scope("zero_reduce"):
+                    shard_sums = gradients.scatter_buckets(shards, sums)
+                finish(shard_sums)
+
             self._window([_private.local_component(b) for b in self.buffers], contributions,
-                         lambda sums: finish(gradients.scatter_buckets(shards, sums)))
+                         reduce_and_finish)
         else:
             # Reduce-scatter now; only this replica's shard is kept.
-            contributions = gradients.reduce_to_shards(shards, flat_grads)
+            with tf.name_scope("zero_reduce"):
+                contributions = gradients.reduce_to_shards(shards, flat_grads)
             self._window([_private.local_component(b) for b in self.buffers], contributions,
                          finish)
 

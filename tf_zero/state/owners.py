@@ -1,27 +1,12 @@
 """The whole-variable partition's state: each variable's optimizer on its owner.
 
-Lamb's trust ratio, Adafactor's factored moments and Muon's
-orthogonalization need a variable's whole tensor. Under `plan_owners` every
-variable belongs whole to one replica; that replica alone keeps the
-variable's optimizer state and runs the inner optimizer's own `update_step`
-on it, on its local copy of the weight (every replica still holds the full
-weights at stages 1 and 2; the owner's copy is the one updated, then
-published by the all-gather).
-
-Each owned variable gets an optimizer of its own, a copy of the inner
-optimizer (under a MultiOptimizer: of the optimizer its map picks) from its
-config that counts steps in that optimizer's `iterations`, built on a view
-of the owner's copy of the weight (same name and path as the model's
-variable, so slot names and Muon's path rules are the plain optimizer's).
-Its slots are plain variables on the owner's device: no other replica holds
-them. (Variables updated element by element may instead be spread in runs
-over the replicas: `tf_zero.runs`.)
-
-Every worker still knows every slot's name, shape and dtype, in the plain
-optimizer's order (`plain_slot_specs`: copies of the optimizer built on
-stand-ins in a graph of their own, so nothing is allocated and no worker has
-to ask another), which is what the checkpoint face needs: a checkpoint holds
-all of them, whichever worker owns them (`OwnedSlot`).
+Under `plan_owners` every variable belongs whole to one replica, which alone
+keeps its optimizer state and runs its optimizer's own `update_step` on its
+copy of the weight (a copy of the inner optimizer, or of a MultiOptimizer's
+pick, built on a view named like the model variable). Every worker knows
+every slot's name, shape and dtype without building it (`plain_slot_specs`),
+which the checkpoint face needs. Split variables live in runs
+(`tf_zero.state.runs`). See docs/whole-variable.md.
 """
 
 from __future__ import annotations
@@ -32,8 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.runs import RunSlot, build_runs, local_optimizer
-from tf_zero.slot_face import PlacedSlot
+from tf_zero.state.runs import build_runs, local_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +118,7 @@ class OwnedVariables:
         optimizers: variable index -> the optimizer that updates it.
         slot_lists: variable index -> that optimizer's slots, in the order
             it created them.
-        runs: the replica's runs of split variables (`tf_zero.runs`).
+        runs: the replica's runs of split variables (`tf_zero.state.runs`).
     """
 
     rank: int
@@ -143,7 +127,7 @@ class OwnedVariables:
     optimizers: dict
     slot_lists: dict
     runs: dict = dataclasses.field(default_factory=dict)
-    """Variable index -> `tf_zero.runs.Run`: this replica's runs of split variables."""
+    """Variable index -> `tf_zero.state.runs.Run`: this replica's runs of split variables."""
 
     def slots(self, index: int) -> list:
         """The optimizer state of variable `index`, in its creation order."""
@@ -158,7 +142,7 @@ def build_owned(templates, variables, plan, strategy, slot_specs) -> dict:
 
     Args:
         templates: per variable, the optimizer whose config and step counter
-            its owner's copy takes (`tf_zero.support.variable_optimizers`).
+            its owner's copy takes (`tf_zero.state.partition.variable_optimizers`).
         slot_specs: `plain_slot_specs(templates, variables)`; each optimizer
             built here on a whole variable must create what it says.
     """
@@ -194,54 +178,3 @@ def state_bytes(slot_specs) -> list:
     """
     return [sum(int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.size for spec in specs)
             for specs in slot_specs]
-
-
-class OwnedSlot(PlacedSlot):
-    """Checkpoint face of one slot of a variable owned whole by one replica.
-
-    The slot lives only on the owner (`tf_zero.owners`). On one worker,
-    saving reads it there. Across workers, saving is collective: each worker
-    gathers from all replicas a value that is the slot on its owner and
-    empty on every other replica. Restoring writes the slot where its owner
-    is local and does nothing on other workers. At another replica count the
-    owner changes, and the value lands on the new one.
-    """
-
-    def _local_slot(self):
-        """The slot variable, or None where its owner is on another worker."""
-        owned = self._shards.owners.get(self._shards.plan.owner(self._index))
-        return None if owned is None else owned.slots(self._index)[self._position]
-
-    def _parts(self) -> dict:
-        slot = self._local_slot()
-        return {} if slot is None else {self._shards.plan.owner(self._index): slot}
-
-    def value(self) -> tf.Tensor:
-        if _private.in_multi_worker_mode(self._shards.strategy):
-            flat = self._gathered()
-            with tf.device("/cpu:0"):
-                return tf.reshape(flat, self.shape)
-        with tf.device("/cpu:0"):
-            return tf.identity(self._local_slot().value)
-
-    def _write(self, value):
-        slot = self._local_slot()
-        if slot is not None:
-            slot.assign(tf.cast(value, self.dtype))
-
-
-def owned_slots(inner, shards, indices=None) -> list:
-    """Checkpoint items for the slots of whole variables, in the plain order.
-
-    Args:
-        inner: the optimizer that updates the variables `indices`.
-        shards: the sharded state (`partition == "whole"`).
-        indices: the variables `inner` updates; default: all of them.
-    """
-    indices = list(range(len(shards.variables)) if indices is None else indices)
-    faces = []
-    for i in indices:
-        face = RunSlot if shards.plan.is_split(i) else OwnedSlot  # runs, or one owner
-        faces.append([face(shards, i, position, spec)
-                      for position, spec in enumerate(shards.slot_specs[i])])
-    return [item for _, item in plain_order(inner, faces)]

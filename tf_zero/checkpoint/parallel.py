@@ -1,84 +1,50 @@
-"""TensorFlow checkpoints of sharded state: written by every worker in parallel,
-a few slices at a time, and checked before anything is restored.
+"""`tf_zero.Checkpoint`: TensorFlow checkpoints of sharded state, written by
+every worker in parallel, a chunk at a time, and checked before a restore.
 
-Any `tf.train.Checkpoint` of a `ZeroOptimizer` already stores each slot as
-slices of the full tensor, each replica's pieces written straight from its
-shard and read back by pieces at any replica count (`tf_zero.sharded_state`,
-`tf_zero.slices`); plain Keras objects restore from it. TensorFlow's saver
-still handles every slice in one operation, though: all of them are in host
-memory at once, and under several workers its rule (every worker saves, only
-the chief's file counts) makes every slot gather to every worker.
-
-`Checkpoint` writes the same checkpoint differently:
-
-1. the chief picks a staging directory beside the target (through the job's
-   key-value store under several workers);
-2. TensorFlow's saver writes, on the chief, the object graph and the
-   replicated variables, with the sliced entries (the element split's slots,
-   stage-3 weights) recorded but empty; state that is still gathered, the
-   whole-partition slots, is read collectively there, every worker joining;
-3. every worker writes its own slices into parts of its own, at most
-   `CHUNK_BYTES` of them per write (no worker sends a shard to another),
-   and hashes what it wrote;
-4. once every worker has reported success, the chief adds a manifest (each
-   data file's size and SHA-256) and merges the parts' indexes
-   (`MergeV2Checkpoints`: data files are moved, not copied), then publishes:
-   data files first, the index last, by rename, so that a reader finds no
-   index or a complete checkpoint; `save` then records it in the
-   directory's `checkpoint` file;
-5. every worker returns after the publish, or raises if any worker failed:
-   nothing is published and the previous checkpoint is intact.
-
-`Checkpoint.read` / `restore` first check the checkpoint: every data file
-present with its recorded size and hash, and every sliced entry of this
-model there with its shape and dtype. A missing, truncated or foreign file
-or another model's checkpoint raises an error naming it before any value is
-restored. Then TensorFlow restores the rest and each worker reads the slices
-of its own pieces, `CHUNK_BYTES` at a time.
-
-Under several workers the directory must be one filesystem shared by them
-(as for TensorFlow's sharded savers). Every worker calls `save` / `write`
-in the same order, with the chief's path or a scratch path of its own: the
-shards land in the chief's checkpoint either way.
-
-Keras' single-file formats (`.weights.h5`, `.keras`) hold full tensors by
-definition: saving one assembles each slot on the host (`tf_zero.saving`).
-For a plain Keras file from a sharded checkpoint, read one tensor at a time:
-
-    python -m tf_zero.checkpoint consolidate CKPT OUT.weights.h5 --model factory.py:make
-    python -m tf_zero.checkpoint check CKPT
+Each worker writes its own slices into parts of a staging directory beside
+the target, at most `CHUNK_BYTES` per write; once every worker has reported
+success, the chief merges the parts with a manifest of the data files' sizes
+and hashes and publishes data files first, index last, by rename. A failure
+anywhere publishes nothing; a publish sweeps the staging directories and
+temporary files that killed saves left there. A restore first checks the
+files, and the model and optimizer against the checkpoint both ways, then
+each worker reads its own pieces, a chunk at a time. What it writes is an
+ordinary TensorFlow checkpoint. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import os
 import shutil
 import uuid
 
+import keras
 import tensorflow as tf
 
-from tf_zero import _private, saving, slices
-from tf_zero.sharded_state import UnshardedSlot
-from tf_zero.sharded_variable import is_sharded
+from tf_zero import _private
+from tf_zero.checkpoint import slices
+from tf_zero.checkpoint.faces import UnshardedSlot
+from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES
+from tf_zero.fault import debris
+from tf_zero.fault.coordination import (STAGING_TIMEOUT_MS, kv_get_or_raise, sha256_file,
+                                        worker_agreement)
 
-CHUNK_BYTES = 8 * 2**20
-"""Most bytes of slices one write or read handles (one bucket by default)."""
+CHUNK_BYTES = DEFAULT_BUCKET_SIZE_BYTES
+"""Most bytes of slices one write or read handles (one default bucket)."""
 MANIFEST_KEY = "_tf_zero/manifest"
-STAGING_TIMEOUT_MS = 300_000
 _saves = itertools.count()
 
 
 def _is_sliced(obj) -> bool:
-    return isinstance(obj, UnshardedSlot) or is_sharded(obj)
+    return isinstance(obj, UnshardedSlot) or _private.sharded_storage(obj) is not None
 
 
 def _sliced(obj):
-    """The object that saves and restores `obj`'s slices: a slot's face, or a
-    stage-3 weight's `ShardedVariable`."""
+    """The object that saves and restores `obj`'s slices: a slot's face, or the
+    sharded storage of a weight (`tf_zero.weights`)."""
     return obj if isinstance(obj, UnshardedSlot) else _private.sharded_storage(obj)
 
 
@@ -88,7 +54,7 @@ def strategy_of(root):
     found = None
     for obj in tf.train.TrackableView(root).descendants():
         if isinstance(obj, UnshardedSlot):
-            return obj._shards.strategy
+            return obj.strategy
         strategy = getattr(obj, "distribute_strategy", None)  # a Keras model's
         if found is None and strategy is not None and _private.in_multi_worker_mode(strategy):
             found = strategy  # state gathered to the chief still needs one writer
@@ -102,35 +68,36 @@ class Checkpoint(tf.train.Checkpoint):
     Use it as `tf.train.Checkpoint`, also under `tf.train.CheckpointManager`.
     What it writes is an ordinary TensorFlow checkpoint: `tf.train.Checkpoint`,
     plain Keras objects and any replica count or stage restore it, and it
-    reads any checkpoint `tf.train.Checkpoint` reads. Without sharded state
-    it is `tf.train.Checkpoint`.
+    reads any checkpoint `tf.train.Checkpoint` reads. A restore first checks
+    that it restores everything, both ways (`check_objects`), and raises
+    naming what is on one side only. Without sharded state it is otherwise
+    `tf.train.Checkpoint`.
     """
 
-    def _write(self, file_prefix, options=None):
+    def _write(self, file_prefix, options=None):  # TensorFlow's hook of save and write
         strategy = strategy_of(self)
         if strategy is None:
-            return super()._write(file_prefix, options=options)
+            return _private.write_checkpoint(self, file_prefix, options)
         return _write(self, strategy, os.fspath(file_prefix), options)
 
+    # TensorFlow's `restore` calls `read` (after turning a SavedModel directory
+    # into its variables' prefix): the checks and the slices are done here, once.
     def read(self, save_path, options=None):
-        return self._restore_with(super().read, save_path, options)
-
-    def restore(self, save_path, options=None):
-        if save_path is None:
-            return super().restore(save_path, options=options)
-        return self._restore_with(super().restore, save_path, options)
-
-    def _restore_with(self, restore, save_path, options):
+        if save_path is None:  # no checkpoint yet: TensorFlow's initialization-only status
+            return super().read(save_path, options=options)
+        save_path = os.fspath(save_path)
         strategy = strategy_of(self)
         if strategy is None:
-            return restore(save_path, options=options)
-        save_path = os.fspath(save_path)
+            if tf.io.gfile.exists(save_path + ".index"):  # else TensorFlow's own error
+                check_objects(self, save_path)
+            return super().read(save_path, options=options)
         check(save_path)
+        check_objects(self, save_path)
         entries = [(key, _sliced(obj))
                    for key, obj in _private.matched_objects(self, save_path, _is_sliced)]
         check(save_path, entries, files=False)
         with slices.deferring():
-            status = restore(save_path, options=options)
+            status = super().read(save_path, options=options)
         _read_slices(save_path, entries)
         return status
 
@@ -145,8 +112,7 @@ def _write(checkpoint, strategy, file_prefix, options):
     key = f"tf_zero/checkpoint/{next(_saves)}"
     target = os.path.abspath(file_prefix)
     if chief:
-        staging = os.path.join(os.path.dirname(target),
-                               f".{os.path.basename(target)}.staging-{uuid.uuid4().hex[:12]}")
+        staging = debris.staging_name(target, uuid.uuid4().hex[:12])
         tf.io.gfile.makedirs(staging)
         if multi:
             _private.kv_set(f"{key}/staging", staging)
@@ -158,8 +124,8 @@ def _write(checkpoint, strategy, file_prefix, options):
             if chief:
                 part_options = copy.copy(options) or tf.train.CheckpointOptions()
                 part_options.experimental_write_callbacks = None
-                tf.train.Checkpoint._write(checkpoint, os.path.join(staging, "part-00000-graph"),
-                                           options=part_options)
+                _private.write_checkpoint(checkpoint, os.path.join(staging, "part-00000-graph"),
+                                          part_options)
             else:
                 # Gathered state (whole-partition slots) is read
                 # collectively: join the chief's reads, write nothing.
@@ -169,7 +135,10 @@ def _write(checkpoint, strategy, file_prefix, options):
             _private.kv_set(f"{key}/parts/{worker}", json.dumps(parts))
     except Exception as e:  # noqa: BLE001  (re-raised after the agreement)
         error = e
-    everyone_wrote = saving.worker_agreement(strategy, error is None) if multi else error is None
+    everyone_wrote = (worker_agreement(strategy, error is None, (
+        "nothing was published and the previous checkpoint is intact" if chief else
+        f"the chief publishes {file_prefix} once every worker has reported, so whether it "
+        "did is unknown here: check it")) if multi else error is None)
     if chief:
         try:
             if everyone_wrote:
@@ -182,8 +151,13 @@ def _write(checkpoint, strategy, file_prefix, options):
             error = error or e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    everyone_published = (saving.worker_agreement(strategy, error is None) if multi
-                          else error is None)
+        if error is None and everyone_wrote:
+            debris.sweep(os.path.dirname(target))  # what killed saves left there
+    everyone_published = (worker_agreement(strategy, error is None, (
+        (f"this worker, the chief, had published {file_prefix}" if everyone_wrote
+         and error is None else "nothing was published") if chief else
+        f"whether the chief published {file_prefix} is unknown here: check it"))
+        if multi else error is None)
     if error is not None:
         raise error
     if not (everyone_wrote and everyone_published):
@@ -194,13 +168,9 @@ def _write(checkpoint, strategy, file_prefix, options):
 
 
 def _kv_get(key, what):
-    try:
-        return _private.kv_get(key, timeout_ms=STAGING_TIMEOUT_MS)
-    except tf.errors.OpError as e:
-        raise RuntimeError(
-            f"A worker did not {what} for checkpoint {key} within "
-            f"{STAGING_TIMEOUT_MS // 1000}s; every worker must call save/write in the "
-            "same order.") from e
+    return kv_get_or_raise(key, STAGING_TIMEOUT_MS,
+                           f"A worker did not {what} for checkpoint {key}; every worker must "
+                           "call save/write in the same order")
 
 
 def _chunks(items, size_of):
@@ -239,11 +209,7 @@ def _write_own_slices(checkpoint, prefix) -> list:
 
 
 def _size_and_hash(path):
-    digest = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            digest.update(block)
-    return tf.io.gfile.stat(path).length, digest.hexdigest()
+    return tf.io.gfile.stat(path).length, sha256_file(path, CHUNK_BYTES)
 
 
 def _merge_and_publish(staging, target, parts):
@@ -293,7 +259,7 @@ def check(save_path, entries=(), files=True) -> None:
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     if files and MANIFEST_KEY in shapes:
-        files = json.loads(reader.get_tensor(MANIFEST_KEY))["data_files"]
+        files = _manifest(reader, save_path)
         count = len(files) + 1  # the manifest's own data file is the last
         for i, recorded in enumerate(files):
             path = f"{save_path}.data-{i:05d}-of-{count:05d}"
@@ -322,6 +288,97 @@ def check(save_path, entries=(), files=True) -> None:
                 "optimizer. Nothing was restored.")
 
 
+# Left out of the two-way check: the save counter `tf.train.Checkpoint` creates
+# at its first save, and an optimizer one side does not have at all (the
+# weights of a training checkpoint restored for evaluation, or a checkpoint of
+# weights alone restored to train with a new optimizer).
+_OPTIONAL = ("save_counter", "optimizer")
+_LISTED = 8
+
+
+def check_objects(root, save_path) -> None:
+    """Checks that a restore of `save_path` into `root` restores everything, both ways.
+
+    Every value in the checkpoint must have an object to go to under `root`,
+    and every variable under `root` (model weights, optimizer variables and
+    slots) a value in the checkpoint; objects are matched as TensorFlow's
+    restore matches them, by their names from the root. A value may wait for
+    an object that is not built yet (it lands when a Keras layer or optimizer
+    builds, as in TensorFlow), and an optimizer may be absent on one side
+    altogether.
+
+    Raises:
+        ValueError: something is on one side only; the message lists it, by
+            checkpoint key and shape on the checkpoint's side and by variable
+            path on this side. Nothing was restored.
+    """
+    unmatched = _private.unmatched_values(root, save_path)
+    if unmatched is None:  # a name-based checkpoint: TensorFlow matches by name
+        return
+    saved_only, live_only = unmatched
+    saved_only = [(key, shape, _optimizer_in(live))
+                  for key, shape, path, missing, live in saved_only
+                  if missing not in _OPTIONAL
+                  and not any(getattr(obj, "built", True) is False for obj in live)]
+    live_only = [(obj, path) for obj, path, missing in live_only if missing not in _OPTIONAL]
+    if not saved_only and not live_only:
+        return
+    lines = [f"Checkpoint {save_path} does not match what it is restored into: it is the "
+             "checkpoint of another model or optimizer. Nothing was restored."]
+    if saved_only:
+        lines.append(f"In the checkpoint, with nothing here to restore into ({len(saved_only)}):")
+        lines += [f"  {key.split('/.ATTRIBUTES/')[0]} {list(shape)}"
+                  for key, shape, _ in saved_only[:_LISTED]]
+        optimizers = {_optimizer_name(o) for _, _, o in saved_only if o is not None}
+        if optimizers:
+            lines.append(f"  (state of the saved optimizer that this side's "
+                         f"{', '.join(sorted(optimizers))} has no variable for: the slots of "
+                         "another optimizer class, or of weights this model does not have)")
+    if live_only:
+        lines.append(f"Here, with no value in the checkpoint ({len(live_only)}):")
+        lines += [f"  {_variable_name(obj)} ({'/'.join(path)})"
+                  for obj, path in live_only[:_LISTED]]
+    if len(saved_only) > _LISTED or len(live_only) > _LISTED:
+        lines.append(f"  (the first {_LISTED} of each)")
+    lines.append("Restore into the model and optimizer that were saved (the same layers, the "
+                 "same optimizer class), or restore part of a checkpoint on purpose with "
+                 "tf.train.Checkpoint(...).read(path).expect_partial().")
+    raise ValueError("\n".join(lines))
+
+
+def _optimizer_in(live):
+    """The innermost Keras optimizer among the live objects matched on a path."""
+    return next((obj for obj in reversed(live)
+                 if isinstance(obj, keras.optimizers.Optimizer)), None)
+
+
+def _optimizer_name(optimizer) -> str:
+    name = type(optimizer).__name__
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return f"{name}({_optimizer_name(inner)})" if inner is not None else name
+
+
+def _variable_name(obj) -> str:
+    return str(getattr(obj, "path", None) or getattr(obj, "name", None) or type(obj).__name__)
+
+
+def _manifest(reader, save_path) -> list:
+    """The manifest's [{"size", "sha256"}] per data file, or a ValueError that
+    names the checkpoint and the manifest's file (the last data file)."""
+    try:
+        files = json.loads(reader.get_tensor(MANIFEST_KEY))["data_files"]
+        if not all(isinstance(f["size"], int) and isinstance(f["sha256"], str) for f in files):
+            raise ValueError("a data file's record has no integer size or string sha256")
+        return files
+    except (tf.errors.OpError, ValueError, KeyError, TypeError, IndexError) as e:
+        data = sorted(tf.io.gfile.glob(f"{save_path}.data-*-of-*"))
+        where = f" (in {data[-1]})" if data else ""
+        raise ValueError(
+            f"Checkpoint {save_path}: its manifest{where}, the record of its data files' "
+            f"sizes and SHA-256, cannot be read ({type(e).__name__}: {e}). The checkpoint is "
+            "damaged; nothing was restored. Restore a complete checkpoint.") from None
+
+
 def _max_elements(obj) -> int:
     return max(1, CHUNK_BYTES // obj.storage_dtype.size)
 
@@ -332,6 +389,10 @@ def _read_slices(save_path, entries) -> None:
               for spec, _, dtype, _ in obj.local_slices(_max_elements(obj))]
     for chunk in _chunks(wanted, lambda e: _slice_bytes(e[3], e[2], e[1].shape)):
         _read_chunk(save_path, chunk)
+    for _, obj in entries:
+        finished = getattr(obj, "slices_restored", None)
+        if finished is not None:
+            finished()
 
 
 def _read_chunk(save_path, chunk) -> None:
@@ -346,100 +407,3 @@ def _read_chunk(save_path, chunk) -> None:
         by_object.setdefault(id(obj), (obj, {}))[1][spec] = value
     for obj, restored in by_object.values():
         obj.restore_slices(restored)
-
-
-# -- a plain Keras file from a checkpoint ---------------------------------
-
-
-def load_model_factory(spec: str):
-    """A Keras model from `spec`: a `.keras` file, or `module:function` /
-    `path/to/file.py:function` returning a built model."""
-    import importlib
-    import importlib.util
-
-    import keras
-
-    if spec.endswith(".keras"):
-        return keras.models.load_model(spec, compile=False)
-    module_name, _, function = spec.rpartition(":")
-    if not module_name or not function:
-        raise ValueError(f"--model {spec!r}: expected a .keras file, module:function or "
-                         "file.py:function.")
-    if module_name.endswith(".py"):
-        loader = importlib.util.spec_from_file_location("tf_zero_model_factory", module_name)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    return getattr(module, function)()
-
-
-def consolidate(save_path, output, model, root="model") -> int:
-    """Writes the weights of `model` found in checkpoint `save_path` (saved as
-    `Checkpoint(**{root: model, ...})`) to a Keras `.weights.h5` file, reading
-    one tensor at a time: memory holds the model and one tensor.
-
-    Returns the number of weights written.
-
-    Raises:
-        ValueError: `output` is not a `.weights.h5` path, or the checkpoint
-            lacks a weight of `model` or holds it with another shape (named).
-    """
-    import keras
-
-    if not str(output).endswith(".weights.h5"):
-        raise ValueError(f"{output}: the output must be a .weights.h5 file.")
-    check(save_path)
-    reader = tf.train.load_checkpoint(save_path)
-    shapes = reader.get_variable_to_shape_map()
-    entries = _private.matched_objects(tf.train.Checkpoint(**{root: model}), save_path,
-                                       lambda o: isinstance(o, keras.Variable))
-    if len(entries) != len(model.weights):
-        found = {id(v) for _, v in entries}
-        missing = [w.path for w in model.weights if id(w) not in found]
-        raise ValueError(f"Checkpoint {save_path} holds no value for {', '.join(missing[:5])}: "
-                         f"it was not saved as Checkpoint({root}=<this model>, ...).")
-    for key, variable in entries:
-        if tuple(shapes[key]) != tuple(variable.shape):
-            raise ValueError(f"Checkpoint {save_path} holds {key} with shape "
-                             f"{tuple(shapes[key])}, but {variable.path} has shape "
-                             f"{tuple(variable.shape)}: another model.")
-    for key, variable in entries:
-        with tf.device("/cpu:0"):
-            value = tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[key],
-                                         shape_and_slices=[""], dtypes=[variable.dtype])[0]
-        variable.assign(value)
-        del value
-    model.save_weights(str(output))
-    return len(entries)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tf_zero.checkpoint",
-                                     description="Tools for tf_zero checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("consolidate", help="write a checkpoint's model weights as one Keras "
-                       ".weights.h5 file, one tensor at a time")
-    c.add_argument("checkpoint", help="checkpoint prefix (e.g. ckpt/ckpt-3)")
-    c.add_argument("output", help="the .weights.h5 file to write")
-    c.add_argument("--model", required=True,
-                   help="the model: a .keras file, module:function or file.py:function")
-    c.add_argument("--root", default="model",
-                   help="the name the model was saved under: Checkpoint(model=...) (default)")
-    k = sub.add_parser("check", help="check that every data file is present, complete and "
-                       "of this save")
-    k.add_argument("checkpoint", help="checkpoint prefix")
-    args = parser.parse_args(argv)
-    if args.command == "check":
-        check(args.checkpoint)
-        print(f"{args.checkpoint}: complete")
-        return 0
-    count = consolidate(args.checkpoint, args.output, load_model_factory(args.model), args.root)
-    print(f"wrote {count} weights to {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

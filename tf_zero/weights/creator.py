@@ -1,36 +1,14 @@
-"""Stage 3: weights stored as 1/N shards and gathered just in time.
+"""The variable creator of `ZeroStrategy.scope()`: weights stored by tf_zero.
 
-Under `ZeroStrategy(stage=3).scope()` a variable creator sees every
-`tf.Variable` that Keras creates for a weight (Keras' TensorFlow backend keeps
-a plain `tf.Variable` as each `keras.Variable`'s storage). For a trainable
-float weight of at least `persistence_threshold` elements it returns a
-`ShardedVariable` instead: a flat, zero-padded sync-on-read variable of
-`ceil(P / N)` elements per replica, replica `r` holding elements
-`[r * ceil(P / N), (r + 1) * ceil(P / N))`. The layout is the one-variable
-bucket of `tf_zero.plan`, so the optimizer updates the shard in place, with
-slots of the same shape, and no replica ever stores the full weight.
-
-Reading the weight in replica context (inside `strategy.run`: `fit`,
-`evaluate`, `predict`, custom loops) all-gathers the shards inside a
-`tf.custom_gradient` whose backward pass reduce-scatters the full gradient,
-so `tape.gradient` returns each replica's summed shard gradient, already
-reduced. Under a mixed-precision policy the shard is cast to the compute
-dtype before the gather (half the traffic); the backward pass reduce-scatters
-in float32, or in the configured `reduce_dtype`. Outside replica context a
-read concatenates the shards (the full value: `numpy()`, `get_weights()`,
-checkpoints, export).
-
-Memory. Without help, TensorFlow keeps every gathered weight alive from the
-forward pass to the backward pass (the input gradient of a matmul needs the
-weight) and launches every gather as early as it can, so the peak holds the
-whole model. Two things bound it: (1) a layer that owns sharded weights is
-recomputed in the backward pass (`tf.recompute_grad`, with Keras' autocast
-scope restored), so its gathered weights die with its forward output and are
-gathered again, after the layer's output gradient exists, in backward; (2)
-gathers are chained: in the forward pass the gather of a layer waits for the
-input of the layer `prefetch_depth - 1` calls earlier. Layers with
-non-trainable state (BatchNormalization's statistics) or random state are
-not recomputed: their call has side effects.
+At stage 3 it returns a `tf_zero.weights.sharded.ShardedVariable` for every
+trainable float weight of at least `persistence_threshold` elements, and
+routes the calls of the layer that owns it through `_ordered_call`: its
+gathers wait in the prefetch window (`prefetch.py`), and the layer is
+recomputed in the backward pass so its gathered weights die with its forward
+output. At stages 1-2 under a mixed policy it returns a
+`tf_zero.weights.working.WorkingVariable` for every such weight its layer
+reads in the 16-bit compute dtype. See docs/stage3.md and
+docs/mixed-precision.md.
 """
 
 from __future__ import annotations
@@ -40,21 +18,32 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tf_zero import _private, prefetch
-from tf_zero.sharded_variable import ShardedVariable, in_replica_context_of, is_sharded
+from tf_zero import _private
+from tf_zero.weights import prefetch
+from tf_zero.weights.sharded import ShardedVariable
+from tf_zero.weights.storage import in_replica_context_of
+from tf_zero.weights.working import WorkingVariable
 
-__all__ = ["ShardedVariable", "is_sharded", "sharding_creator"]
+SIXTEEN_BIT = (tf.bfloat16, tf.float16)
 
 # ---- the variable creator ------------------------------------------------
 
 
+def uses_creator(config) -> bool:
+    """Whether `ZeroStrategy.scope()` needs `sharding_creator` for `config`:
+    at stage 3, and at stages 1-2 unless working copies are turned off."""
+    return config.stage == 3 or config.param_dtype != "float32"
+
+
 def sharding_creator(strategy, config):
-    """A `tf.variable_creator_scope` creator that shards eligible weights."""
+    """A `tf.variable_creator_scope` creator for the weights tf_zero stores."""
 
     def creator(next_creator, **kwargs):
         if not _should_shard(strategy, config, kwargs):
             return next_creator(**kwargs)
-        return _create_sharded(strategy, config, next_creator, kwargs)
+        if config.stage == 3:
+            return _create_sharded(strategy, config, next_creator, kwargs)
+        return _create_working(strategy, config, next_creator, kwargs)
 
     return creator
 
@@ -95,21 +84,63 @@ def _create_sharded(strategy, config, next_creator, kwargs):
     if not _above_threshold(full.shape.num_elements(), config):
         return next_creator(**dict(kwargs, initial_value=full))
     layer, autocast = _private.layer_adding_weight()
-    shard_size = math.ceil(full.shape.num_elements() / strategy.num_replicas_in_sync)
-    shard_kwargs = dict(kwargs)
-    shard_kwargs.update(
-        initial_value=lambda: tf.zeros([shard_size], full.dtype), shape=None,
-        dtype=full.dtype, trainable=True,
-        synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    variable = ShardedVariable(next_creator(**shard_kwargs), full.shape, full.dtype,
-                               kwargs.get("name") or "sharded", strategy, config, autocast)
+    variable = ShardedVariable(_new_shard(strategy, config, next_creator, kwargs, full, True),
+                               full.shape, full.dtype, kwargs.get("name") or "sharded",
+                               strategy, config, autocast)
     # assign() copies each replica's slice into its shard: no shard keeps a
     # view of the full initial value alive.
     with tf.init_scope():
         variable.assign(full)
     if layer is not None:
         _wrap_layer_call(layer)
+    return variable
+
+
+def _new_shard(strategy, config, next_creator, kwargs, full, trainable):
+    """A zero-filled flat sync-on-read shard of `full` for every replica (1/K
+    of it under hybrid sharding over groups of K)."""
+    shard_size = math.ceil(full.shape.num_elements() /
+                           (config.shard_group_size or strategy.num_replicas_in_sync))
+    shard_kwargs = dict(kwargs)
+    shard_kwargs.update(
+        initial_value=lambda: tf.zeros([shard_size], full.dtype), shape=None,
+        dtype=full.dtype, trainable=trainable,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    return next_creator(**shard_kwargs)
+
+
+def working_dtype(arguments, dtype):
+    """The 16-bit dtype a weight's layer reads it in, or None where it is read
+    in `dtype` (its layer or the weight turns autocast off, as Embedding and
+    the normalization layers do; its layer's policy computes in float32; a
+    regularizer reads it outside the layer call)."""
+    layer = arguments["layer"]
+    if (layer is None or not arguments["autocast"] or not getattr(layer, "autocast", True)
+            or arguments["regularizer"] is not None or tf.as_dtype(dtype) != tf.float32):
+        return None
+    compute = tf.as_dtype(layer.compute_dtype)
+    return compute if compute in SIXTEEN_BIT else None
+
+
+def _create_working(strategy, config, next_creator, kwargs):
+    arguments = _private.add_weight_arguments()
+    with tf.init_scope(), tf.device("/cpu:0"):
+        initial_value = kwargs["initial_value"]
+        full = initial_value() if callable(initial_value) else initial_value
+        full = tf.convert_to_tensor(full, dtype=kwargs.get("dtype"))
+    working = working_dtype(arguments, full.dtype)
+    if working is None or not _above_threshold(full.shape.num_elements(), config):
+        return next_creator(**dict(kwargs, initial_value=full))
+    with tf.init_scope():
+        copy = next_creator(**dict(kwargs, initial_value=tf.cast(full, working),
+                                   dtype=working))
+    variable = WorkingVariable(_new_shard(strategy, config, next_creator, kwargs, full, False),
+                               copy,
+                               full.shape, full.dtype, kwargs.get("name") or "working",
+                               strategy, config)
+    with tf.init_scope():
+        variable.assign(full)
     return variable
 
 
@@ -134,7 +165,7 @@ def _recomputable(layer):
     # covers BatchNormalization statistics and the seed generators of the
     # layer and its sublayers (Dropout), whose second draw would differ.
     # Frozen sharded weights (a LoRA base kernel) are read-only: no state.
-    return not [v for v in layer.non_trainable_variables if not is_sharded(v)]
+    return not [v for v in layer.non_trainable_variables if not _private.is_sharded(v)]
 
 
 def _added_losses(layer):
@@ -145,8 +176,8 @@ def _ordered_call(layer, original, args, kwargs):
     """The layer's call with its gathers in the prefetch window, recomputed if allowed."""
     strategy = None
     for v in _private.own_trainable_variables(layer):
-        storage = _private.sharded_storage(v)
-        if storage is not None:
+        if _private.is_sharded(v):
+            storage = _private.sharded_storage(v)
             strategy, config = storage.strategy, storage.config
             break
     if (strategy is None or not in_replica_context_of(strategy) or tf.executing_eagerly()

@@ -1,30 +1,11 @@
 """SIGTERM under several workers: agree on a step, save it, exit.
 
-Schedulers (Kubernetes, SLURM, spot VMs) send SIGTERM and kill the process
-after a grace period. A multi-worker TensorFlow process does not die on
-SIGTERM: the coordination service that every multi-worker collective strategy
-starts installs TensorFlow's preemption notifier (`preemption_notifier.cc`,
-"SIGTERM caught at ..."), whose handler records the signal for
-`tf.distribute.experimental.PreemptionCheckpointHandler` and nothing else.
-Under Keras' `fit` nothing reads it, so the worker trains on until it is
-killed, and everything since the last backup is lost.
-
-tf_zero takes SIGTERM back in two ways:
-
-* `ZeroStrategy` in multi-worker mode installs `exit_on_sigterm`: SIGTERM ends
-  the worker at once with status 143, saying that nothing was saved.
-* While a backup callback (`tf_zero.callbacks.BackupAndRestore`, or Keras'
-  `BackupAndRestore` under a `ZeroStrategy`) is in `fit`, `PreemptionWatch`
-  replaces it. Its agreement follows `PreemptionCheckpointHandler`'s: the
-  first worker to reach a step boundary after its own SIGTERM publishes
-  "save after boundary k+1" in the job's key-value store and waits until
-  every worker's watcher thread has acknowledged it. Every step of `fit`
-  communicates across workers, so no worker can finish step k+1 before the
-  acknowledgements exist, and every worker sees the number by boundary k+1.
-  There all workers save one backup of that step together and exit with
-  `PREEMPTED_EXIT_CODE`. (TensorFlow's handler itself keeps fixed keys and
-  a thread per process, so it serves one training loop per process; the
-  keys here are numbered per `fit`.)
+A multi-worker TensorFlow process does not die on SIGTERM: the coordination
+service installs a preemption notifier that only records it. A multi-worker
+`ZeroStrategy` takes SIGTERM back (`exit_on_sigterm`: exit 143, saying that
+nothing was saved); while a backup callback is in `fit`, `PreemptionWatch`
+has every worker agree on a step boundary, save that step and exit with
+`PREEMPTED_EXIT_CODE`. See docs/multi-worker.md ("Preemption").
 """
 
 from __future__ import annotations
@@ -39,16 +20,19 @@ import time
 import tensorflow as tf
 
 from tf_zero import _private
+from tf_zero.fault.coordination import ACK_TIMEOUT_MS, TERMINATED_EXIT_CODE
 
-PREEMPTED_EXIT_CODE = 75
-"""Exit status of a worker that saved a backup on SIGTERM (EX_TEMPFAIL: run again)."""
-
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
-"""Exit status of a worker that got SIGTERM with no backup callback (nothing saved)."""
-
-ACK_TIMEOUT_MS = 60_000
 _STOP = "stop"
+_END = "end"  # a SIGTERM after the last step boundary: every worker saves as fit ends
 _fit_counter = itertools.count()
+_watched_fits = 0  # fits a backup callback has watched in this process
+_fit_removed_backups = False  # the last watched fit completed and removed its backups
+
+
+def fit_ended(removed_backups: bool) -> None:
+    """Records how the last watched fit ended, for what SIGTERM says after it."""
+    global _fit_removed_backups
+    _fit_removed_backups = removed_backups
 
 
 def _in_main_thread() -> bool:
@@ -66,11 +50,20 @@ def exit_on_sigterm(strategy) -> None:
     worker = _private.worker_index(strategy)
 
     def terminate(signum, frame):
-        sys.stderr.write(
-            f"[tf_zero] worker {worker}: SIGTERM received; no backup callback "
-            "(tf_zero.callbacks.BackupAndRestore or keras.callbacks.BackupAndRestore) "
-            "is saving this run, so nothing was saved. Exiting with status "
-            f"{TERMINATED_EXIT_CODE}.\n")
+        if _fit_removed_backups:
+            why = ("the last fit with a backup callback completed and removed its backups "
+                   "(delete_checkpoint=True), so nothing was saved for this signal; a "
+                   "relaunch trains from the start")
+        elif _watched_fits:
+            # A backup callback ran in this process, but not at this moment
+            # (before its fit began or after it ended): its backups stand.
+            why = ("no fit with a backup callback is running at this moment, so nothing was "
+                   "saved for this signal; a relaunch resumes from the last complete backup")
+        else:
+            why = ("no backup callback (tf_zero.callbacks.BackupAndRestore or "
+                   "keras.callbacks.BackupAndRestore) is saving this run, so nothing was saved")
+        sys.stderr.write(f"[tf_zero] worker {worker}: SIGTERM received; {why}. Exiting with "
+                         f"status {TERMINATED_EXIT_CODE}.\n")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(TERMINATED_EXIT_CODE)
@@ -106,6 +99,8 @@ class PreemptionWatch:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self):
+        global _watched_fits
+        _watched_fits += 1
         if _in_main_thread():
             previous = signal.getsignal(signal.SIGTERM)
             self._previous_handler = signal.SIG_DFL if previous is None else previous
@@ -116,19 +111,38 @@ class PreemptionWatch:
                 target=self._watch, name=f"tf_zero-preemption-{self._worker}", daemon=True)
             self._watcher.start()
 
-    def stop(self):
-        """Restores the previous SIGTERM handler and ends the watcher thread."""
+    def stop(self, at_end: bool = False) -> bool:
+        """Restores the previous SIGTERM handler and ends the watcher thread.
+
+        Args:
+            at_end: fit completed its steps (not: it raised).
+
+        Returns:
+            Whether every worker saves now, as fit ends: a SIGTERM came after
+            the last step boundary at which the workers could agree to save
+            (in the last step, or in what follows it: validation, the
+            callbacks' epoch end). The workers agree on it as on a step
+            (the first value in the store wins: "end", or "stop" from a
+            worker that ended without a signal).
+        """
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+        unsaved = self._own_signal.is_set() and not self._agreed.is_set()
         if self._watcher is not None:
             if self._watcher.is_alive():
-                try:
-                    _private.kv_set(f"{self._prefix}/step", _STOP)  # one worker's wins
+                try:  # one worker's value wins
+                    _private.kv_set(f"{self._prefix}/step",
+                                    _END if at_end and unsaved else _STOP)
                 except tf.errors.OpError:
                     pass  # the coordination service is gone: so is the job
                 self._watcher.join(timeout=10)
             self._watcher = None
+        elif not self._multi_worker and at_end and unsaved:
+            self._agreed_boundary = float("inf")
+            self._agreed.set()
+        return (at_end and self._agreed.is_set() and
+                self._agreed_boundary > self._boundary)
 
     def leave_together(self):
         """Before a preempted worker exits: worker 0 leaves last.
@@ -167,7 +181,7 @@ class PreemptionWatch:
         value = _private.kv_get(f"{self._prefix}/step")
         if value == _STOP:
             return
-        self._agreed_boundary = int(value)
+        self._agreed_boundary = float("inf") if value == _END else int(value)
         self._agreed.set()  # before the acknowledgement: the announcer waits for it
         _private.kv_set(f"{self._prefix}/ack/{self._worker}", "1")
 
@@ -181,9 +195,13 @@ class PreemptionWatch:
                 self._agreed.set()
             else:
                 # Peers may already be inside the next step: save after it.
-                _private.kv_set(f"{self._prefix}/step", str(self._boundary + 1))
-                for i in range(self._workers):
-                    _private.kv_get(f"{self._prefix}/ack/{i}", timeout_ms=ACK_TIMEOUT_MS)
+                step = f"{self._prefix}/step"
+                if (_private.kv_set(step, str(self._boundary + 1)) or
+                        _private.kv_get(step) != _STOP):
+                    for i in range(self._workers):
+                        _private.kv_get(f"{self._prefix}/ack/{i}", timeout_ms=ACK_TIMEOUT_MS)
+                # else another worker has ended fit: this was its last step, and
+                # this worker's SIGTERM is for after fit (stop() says so).
         if not self._agreed.is_set():
             return False
         if self._boundary > self._agreed_boundary:

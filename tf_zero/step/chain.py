@@ -1,52 +1,43 @@
-"""The sharded step, as a chain of named parts.
+"""The sharded step: the links in data order, read top to bottom.
 
 One call of `ShardedStep` runs in replica context (inside `strategy.run`)
-and moves every gradient through these links, in this order:
-
-1. `gradients.local_gradients`: flat, dense local gradients, lengths from the
-   variables; the variables without one are "missing" (frozen this step).
-2. `accumulation.Accumulator` (k > 1 only): adds the micro-step to a window;
-   only every k-th call goes on, with the window's sum.
-3. `gradients.reduce_to_shards`: one reduce-scatter per bucket; each replica
-   now holds the summed gradient of its 1/N slice (stage-3 weights arrive
-   reduced already).
-4. `statistics.unscale`: divides by k and by the dynamic loss scale.
-5. `statistics.gradient_statistics`: one small all-reduce for what needs the
-   whole gradient (finite?, norms), identical on every replica.
-6. `statistics.clip`: Keras' clipping, on the reduced gradient.
-7. `update.refresh_weight_shards`, `update.update_shards`: the inner
-   optimizer's own `update_step` on the shards (weight decay, frozen pieces
-   kept) — skipped by every replica together on a loss-scale overflow.
-8. `update.publish`: all-gather into the model's weights, then constraints.
-
-Every part reads the same state record (`tf_zero.shards.Shards`); none calls
-back into the optimizer. Every replica launches the same collectives in the
-same order: the branches taken (window end, overflow) are decided by values
-all replicas share.
+and moves this replica's gradients through the links of `tf_zero.step`:
+flatten (`gradients`), accumulate (`accumulation`, k > 1), reduce-scatter
+(`gradients`), unscale, statistics, clip (`statistics`), refresh and update
+(`update`; skipped together on a loss-scale overflow, `loss_scale`), publish
+(`update`). Every replica launches the same collectives in the same order:
+the branches taken (window end, overflow) depend on values all replicas
+share. See docs/architecture.md, "One step".
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_zero import collectives, gradients, loss_scale, statistics, update
-from tf_zero.accumulation import Accumulator
-from tf_zero.shards import Shards
+from tf_zero import collectives
+from tf_zero.step import gradients, loss_scale, statistics
+from tf_zero.step.update import make_update
 
 
 class ShardedStep:
-    """The sharded step over one `Shards` record.
+    """The sharded step over one `tf_zero.state.shards.Shards` record.
+
+    The variants of its links (element split or whole variables; the
+    clipping rule) are chosen here, once.
 
     Args:
         shards: the optimizer state (plan, shards, slots, model variables).
         inner: the inner Keras optimizer, built on the shards.
-        accumulator: an `Accumulator` when k > 1, else None.
+        accumulator: a `tf_zero.step.accumulation.Accumulator` when k > 1,
+            else None.
     """
 
-    def __init__(self, shards: Shards, inner, accumulator: Accumulator | None = None):
+    def __init__(self, shards, inner, accumulator=None):
         self.shards = shards
         self.inner = inner
         self.accumulator = accumulator
+        self.update = make_update(shards, inner)
+        self.clip = statistics.ClipRule.of(shards, inner)
 
     def __call__(self, grads, variables, loss_scaler=None) -> None:
         """One step (or micro-step) on this replica's gradients.
@@ -71,19 +62,19 @@ class ShardedStep:
 
     def apply_shards(self, shard_grads, missing, loss_scaler=None, divisor=None) -> None:
         """Links 4-8: from summed gradient shards to updated model weights."""
-        shards, inner = self.shards, self.inner
-        rank = collectives.rank()
+        rank = self.shards.shard_rank(collectives.rank())
         with tf.name_scope("zero_statistics"):
             shard_grads = statistics.unscale(shard_grads, divisor, loss_scaler)
-            stats = statistics.gradient_statistics(shards, inner, shard_grads, rank,
-                                                   check_finite=loss_scaler is not None)
-            shard_grads = statistics.clip(shards, inner, shard_grads, rank, stats)
+            stats = statistics.gradient_statistics(
+                self.shards, shard_grads, rank, check_finite=loss_scaler is not None,
+                needs=self.clip.needs)
+            shard_grads = self.clip(self.shards, shard_grads, rank, stats)
         with tf.name_scope("zero_refresh"):
-            update.refresh_weight_shards(shards, rank)
+            self.update.refresh(rank)
 
         def apply():
             with tf.name_scope("zero_update"):
-                update.update_shards(shards, inner, shard_grads, missing, rank)
+                self.update.update(shard_grads, missing, rank)
             if loss_scaler is not None:
                 loss_scale.after_finite_step(loss_scaler)
             return tf.constant(True)
@@ -98,4 +89,4 @@ class ShardedStep:
             # the same branch; neither branch communicates.
             tf.cond(stats["finite"], apply, skip)
         with tf.name_scope("zero_publish"):
-            update.publish(shards, missing)
+            self.update.publish(missing)
