@@ -1,0 +1,28 @@
+"""The model and data of the SLURM test (tests/test_hybrid_sharding.py), shared
+by its worker processes, which must not import conftest (it configures the
+test process's devices)."""
+
+import keras
+import numpy as np
+
+import tf_zero
+
+
+def slurm_model(strategy):
+    """A small regression model with fixed weights, compiled with AdamW whose
+    global norm clipping spans every replica of every worker."""
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(9, activation="tanh"),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.AdamW(
+            0.01, weight_decay=0.05, global_clipnorm=0.1)), loss="mse")
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(size=w.shape).astype("float32") * 0.3
+                       for w in model.get_weights()])
+    return model
+
+
+def slurm_data():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    return x, (x @ rng.normal(size=(6, 1))).astype("float32")

@@ -1,0 +1,272 @@
+"""Hybrid sharding (`shard_group_size=K`): state sharded over groups of K
+replicas and replicated across the groups trains as full sharding does."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_replicas_identical, max_weight_diff, mlp, regression_data, zero_strategy
+
+import tf_zero
+
+N = 4
+
+
+def _compiled(strategy, make, steps=1):
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer=tf_zero.ZeroOptimizer(make(), accumulation_steps=steps),
+                      loss="mse")
+    return model
+
+
+def _fit(model):
+    x, y = regression_data()
+    model.fit(x, y, batch_size=24, epochs=2, shuffle=False, verbose=0)
+    return model
+
+
+ADAM = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
+ADAMW_CLIPPED = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05, global_clipnorm=0.1)  # noqa: E731
+
+
+@pytest.mark.parametrize("stage, k, make, steps", [
+    pytest.param(3, 2, ADAMW_CLIPPED, 1, id="stage3-K2-adamw-clipped"),
+    pytest.param(3, 2, ADAM, 2, id="stage3-K2-adam-accumulation"),
+    pytest.param(1, 2, ADAM, 1, id="stage1-K2-adam"),
+    pytest.param(2, 2, ADAMW_CLIPPED, 1, id="stage2-K2-adamw-clipped"),
+    pytest.param(2, 1, ADAM, 1, id="stage2-K1-adam"),
+    pytest.param(1, 2, ADAM, 2, id="stage1-K2-adam-accumulation"),
+    pytest.param(2, 2, ADAM, 2, id="stage2-K2-adam-accumulation"),
+])
+def test_hybrid_trains_as_full_sharding(stage, k, make, steps):
+    """Reduce-scatter inside the group, all-reduce of the shard across the
+    groups, statistics and publish inside the group: the weights match full
+    sharding over all 4 replicas (the sums run in another order: within
+    1e-6), every replica holds the same weights, and each holds 1/K of the
+    slots."""
+    sharded = dict(persistence_threshold=0) if stage == 3 else {}  # every weight
+    hybrid = _compiled(zero_strategy(N, stage=stage, shard_group_size=k, **sharded), make, steps)
+    full = _compiled(zero_strategy(N, stage=stage, **sharded), make, steps)
+    _fit(hybrid)
+    _fit(full)
+    plan = hybrid.optimizer.plan
+    assert plan.num_shards == k
+    if stage == 3:  # a bucket per weight, each 1/K of it on every replica
+        assert all(tf_zero.is_sharded(w) for w in hybrid.trainable_weights)
+        assert [b.shard_size for b in plan.buckets] == [
+            -(-int(np.prod(w.shape)) // k) for w in hybrid.trainable_weights]
+    else:
+        (bucket,) = plan.buckets
+        assert bucket.shard_size == -(-87 // k)
+    assert max_weight_diff(hybrid.get_weights(), full.get_weights()) < 1e-6
+    assert_replicas_identical(hybrid)
+
+
+def test_hybrid_refusals_name_the_fix():
+    with pytest.raises(ValueError, match="must divide the 4 replicas"):
+        tf_zero.ZeroStrategy([f"/cpu:{i}" for i in range(N)], shard_group_size=3)
+    with pytest.raises(ValueError, match=r"resolved by ZeroStrategy.*ZeroStrategy\(shard_group"):
+        tf_zero.ZeroConfig(stage=2, shard_group_size="worker")
+    # One worker: its devices are every replica (full sharding, named as such).
+    assert tf_zero.ZeroStrategy([f"/cpu:{i}" for i in range(N)], shard_group_size="worker"
+                                ).zero_config.shard_group_size == N
+    strategy = zero_strategy(N, stage=2, shard_group_size=2)
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Lamb(0.01)), loss="mse")
+    with pytest.raises(ValueError, match="element partition"):
+        _fit(model)
+
+
+@pytest.mark.parametrize("writer, stage", [("tf.train.Checkpoint", 2), ("tf_zero.Checkpoint", 2),
+                                           ("tf_zero.Checkpoint", 3)])
+def test_hybrid_checkpoint_restores_into_full_sharding_and_into_every_group(
+        tmp_path, writer, stage):
+    """One group's pieces are saved (the others hold the same); restored
+    into full sharding, or into both groups of a fresh hybrid run, the next
+    epoch continues as the uninterrupted hybrid run. At stage 3 the weights
+    themselves are 1/K shards."""
+    import tensorflow as tf
+
+    checkpoint = tf.train.Checkpoint if writer == "tf.train.Checkpoint" else tf_zero.Checkpoint
+
+    x, y = regression_data()
+    sharded = dict(persistence_threshold=0) if stage == 3 else {}
+    hybrid = zero_strategy(N, stage=stage, shard_group_size=2, **sharded)
+
+    def epochs(model, first, last):
+        model.fit(x, y, batch_size=24, epochs=last, initial_epoch=first, shuffle=False,
+                  verbose=0)
+        return model
+
+    reference = epochs(_compiled(hybrid, ADAM), 0, 2)
+    saved = epochs(_compiled(hybrid, ADAM), 0, 1)
+    prefix = checkpoint(model=saved, optimizer=saved.optimizer).write(
+        str(tmp_path / "hybrid"))
+    for strategy in (zero_strategy(N, stage=stage, **sharded), hybrid):
+        resumed = _compiled(strategy, ADAM)
+        resumed.optimizer.build(resumed.trainable_variables)
+        checkpoint(model=resumed, optimizer=resumed.optimizer).restore(prefix)
+        epochs(resumed, 1, 2)
+        assert max_weight_diff(resumed.get_weights(), reference.get_weights()) < 1e-6
+        assert_replicas_identical(resumed)
+
+
+SLURM_WORKER = """\
+import os, sys
+import numpy as np
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import tf_zero
+strategy = tf_zero.ZeroStrategy(stage={stage}, shard_group_size="worker", startup_timeout=120,
+                                persistence_threshold=0)
+assert strategy.zero_config.shard_group_size == 2
+assert strategy.num_replicas_in_sync == 4, strategy.num_replicas_in_sync
+sys.path.insert(0, {support!r})
+from slurm_model import slurm_data, slurm_model
+model = slurm_model(strategy)
+x, y = slurm_data()
+model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=2, verbose=0)
+np.savez(os.path.join({out!r}, "worker%s.npz" % os.environ["SLURM_PROCID"]),
+         *model.get_weights())
+# Every worker writes its shards (one group's copy); Keras' file is published once.
+tf_zero.Checkpoint(model=model, optimizer=model.optimizer).write(
+    os.path.join({out!r}, "ckpt", "hybrid"))
+model.save_weights(os.path.join({out!r}, "hybrid.weights.h5"))
+print("trained", os.environ["SLURM_PROCID"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage):
+    """`srun -n 2` on one node, as SLURM sets the environment (no TF_CONFIG,
+    no GPU, no scontrol): ZeroStrategy finds the cluster itself, and hybrid
+    sharding (a shard group per worker: the all-reduce of gradient shards is
+    the only state traffic across workers; at stage 3 every weight a 1/2
+    shard gathered inside the worker) reaches one process's full sharding
+    over 4 replicas within 1e-6."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from slurm_model import slurm_data, slurm_model
+    from worker_procs import REPO, h5_arrays
+
+    from tf_zero.launch import busy_ports, free_ports
+
+    for base in free_ports(8):
+        if not busy_ports([base, base + 1]):
+            break
+    script = tmp_path / "worker.py"
+    script.write_text(SLURM_WORKER.format(support=os.path.join(os.path.dirname(__file__), "support"),
+                                         out=str(tmp_path), stage=stage))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]),
+               SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost",
+               SLURM_STEP_TASKS_PER_NODE="2", SLURM_JOB_ID="4242", SLURM_STEP_ID="0",
+               TF_ZERO_PORT_BASE=str(base), TF_ZERO_DEVICES_PER_WORKER="2")
+    procs = []
+    try:
+        for rank in (0, 1):
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script)], env=dict(env, SLURM_PROCID=str(rank),
+                                                        SLURM_LOCALID=str(rank)),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True))
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    workers = [np.load(tmp_path / f"worker{r}.npz") for r in (0, 1)]
+    workers = [[w[f"arr_{i}"] for i in range(len(w.files))] for w in workers]
+    reference = slurm_model(zero_strategy(N, stage=stage, persistence_threshold=0))
+    x, y = slurm_data()
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    for a, b, ref in zip(*workers, reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, ref, atol=1e-6)
+    # Keras' file holds every slot, as one process saves them.
+    reference.save_weights(str(tmp_path / "reference.weights.h5"))
+    saved, expected = h5_arrays(tmp_path / "hybrid.weights.h5"), h5_arrays(
+        tmp_path / "reference.weights.h5")
+    assert sorted(saved) == sorted(expected)
+    for key in expected:
+        np.testing.assert_allclose(saved[key], expected[key], atol=1e-6, err_msg=key)
+    # The sharded checkpoint resumes in one process at another replica count (2)
+    # and stage 2 with full sharding: one more epoch as the reference's.
+    resumed = slurm_model(zero_strategy(2, stage=2))
+    resumed.optimizer.build(resumed.trainable_variables)
+    tf_zero.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(
+        str(tmp_path / "ckpt" / "hybrid"))  # checked both ways by tf_zero.Checkpoint
+    for got, want in zip(resumed.get_weights(), workers[0]):
+        np.testing.assert_array_equal(got, want)
+    for model in (resumed, reference):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_memory_per_replica_is_the_group_share():
+    """memory_report (summed from the replicas' components) holds 1/K of the
+    slots and weight shards per replica, as estimate_memory(shard_group_size=K)
+    says; K = 1 is data parallelism's full state."""
+    slots, shards = {}, {}
+    for k in (None, 2, 1):
+        model = _compiled(zero_strategy(N, stage=2, shard_group_size=k), ADAM)
+        model.optimizer.build(model.trainable_variables)
+        device = tf_zero.memory_report(model.optimizer).replicas[0]
+        slots[k], shards[k] = device.slots, device.weight_shards
+    # The MLP's 87 parameters, padded to a multiple of the group; Adam's 2 slots.
+    for k, group in ((None, N), (2, 2), (1, 1)):
+        assert slots[k] == 2 * 4 * -(-87 // group) and shards[k] == 4 * -(-87 // group)
+    for k in (None, 2, 1):
+        ours = tf_zero.estimate_memory(1e6, N, 2, shard_group_size=k)
+        assert ours.optimizer_states == tf_zero.estimate_memory(1e6, k or N, 2).optimizer_states
+    with pytest.raises(ValueError, match="must divide num_replicas=4"):
+        tf_zero.estimate_memory(1e6, N, 2, shard_group_size=3)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_working_copies_under_hybrid_match_float32_weights_bit_for_bit(policy, stage):
+    """mixed_bfloat16 under hybrid sharding: 16-bit working copies published
+    (stage 2), or shards gathered (stage 3), inside the group of 2, from
+    float32 master shards, train as Keras' float32 weights cast at each use
+    under the same hybrid sharding: bit for bit."""
+    policy("mixed_bfloat16")
+    runs = {}
+    for param_dtype in ("compute", "float32"):
+        strategy = zero_strategy(N, stage=stage, shard_group_size=2, param_dtype=param_dtype,
+                                 persistence_threshold=0)
+        runs[param_dtype] = _fit(_compiled(strategy, ADAM))
+    working = runs["compute"]
+    if stage == 2:
+        assert all(tf_zero.has_working_copy(w) for w in working.trainable_weights)
+    assert max_weight_diff(working.get_weights(), runs["float32"].get_weights()) == 0.0
+    assert_replicas_identical(working)
+
+
+def test_stage3_hybrid_gathers_stay_inside_the_group():
+    """Read from the traced step, 2 workers x 2 replicas, a shard group per
+    worker: stage 3's gathers and reduce-scatters stay inside the worker;
+    only the all-reduce of each 1/K gradient shard crosses, 2 (Psi_B/K)(W-1)/W
+    bytes per replica per step (Psi_B: the float32 gradient's bytes)."""
+    strategy = zero_strategy(N, stage=3, shard_group_size=2, persistence_threshold=0)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256),
+                                  keras.layers.Dense(10)])
+        model.compile(tf_zero.ZeroOptimizer(keras.optimizers.Adam()), "mse")
+    x = np.random.default_rng(0).random((16, 64)).astype("float32")
+    y = np.zeros((16, 10), "float32")
+    report = tf_zero.collective_traffic(model, x, y, batch_size=16, workers=2)
+    psi_bytes = 4 * model.count_params()
+    assert report.across_bytes_per_replica == 2 * (psi_bytes // 2) * (2 - 1) // 2
+    assert report.select(scope="zero_gather").across_bytes_per_replica == 0
+    assert report.select(kind="all_gather").across_bytes_per_replica == 0
+    assert report.select(kind="all_to_all").across_bytes_per_replica == 0
+    assert report.select(kind="all_gather").bytes_per_replica == psi_bytes  # 2 gathers, Psi_B/2
