@@ -15,6 +15,8 @@ MODES = ("mirrored", "stage1", "stage2", "stage3")
 # alone (no gradient reduction, no update), the floor under any step of
 # data-parallel training on the same replicas (step_time.py --modes ... gradients).
 FLOOR = "gradients"
+# Stages 1-2 with float32 working weights under a mixed policy (param_dtype="float32").
+FLOAT32_WORKING_MODES = ("stage1_float32", "stage2_float32")
 
 
 def configure_cpus(n):
@@ -45,7 +47,11 @@ def make_model(hidden, inputs=64, outputs=10, layers=3):
     return keras.Sequential(stack)
 
 
-def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3, bucket_size_bytes=None):
+def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3, bucket_size_bytes=None,
+                            param_dtype=None):
+    """`mode`: "mirrored", or "stage1" / "stage2" / "stage3" (ZeroStrategy);
+    `param_dtype` as `ZeroStrategy`'s (16-bit working copies under a mixed
+    policy unless "float32")."""
     import keras
 
     import tf_zero
@@ -54,7 +60,7 @@ def make_strategy_and_model(mode, devices, hidden, lr=1e-3, layers=3, bucket_siz
     if mode == "mirrored":
         strategy = _private.new_mirrored_strategy(devices)
     else:
-        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]))
+        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]), param_dtype=param_dtype)
     with strategy.scope():
         model = make_model(hidden, layers=layers)
         opt = keras.optimizers.Adam(lr)
@@ -192,16 +198,21 @@ def make_workload(name, mode, devices, steps, hidden=2048, batch_per_replica=32,
 
     replicas = len(devices or [0])
     compiled = "mirrored" if mode == FLOOR else mode  # the floor compiles as MirroredStrategy
+    param_dtype = None
+    if compiled in FLOAT32_WORKING_MODES:  # "stage2_float32": ZeroStrategy(param_dtype="float32")
+        compiled, param_dtype = compiled.split("_")
     if name == "mlp":
         batch = batch_per_replica * replicas
         x, y = make_data(batch * steps)
         _, model = make_strategy_and_model(compiled, devices, hidden,
-                                           bucket_size_bytes=bucket_size_bytes)
+                                           bucket_size_bytes=bucket_size_bytes,
+                                           param_dtype=param_dtype)
     else:
         if compiled == "mirrored":
             strategy = _private.new_mirrored_strategy(devices)
         else:
-            strategy = tf_zero.ZeroStrategy(devices, stage=int(compiled[-1]))
+            strategy = tf_zero.ZeroStrategy(devices, stage=int(compiled[-1]),
+                                            param_dtype=param_dtype)
         with strategy.scope():
             model, opt, loss, x, y, batch = WORKLOADS[name][1](replicas, steps)
             if compiled != "mirrored":

@@ -5,8 +5,9 @@ init: `size` k gives hidden 128k, 64-wide heads, about one layer per 100 of
 hidden (20 layers at 2048); Llama adds grouped-query attention (8 query heads
 per KV head), a SwiGLU MLP of 2.75 x hidden and a 32,000-token vocabulary
 (k=16 is TinyLlama's shape with 20 layers instead of 22: 1.01B parameters);
-GPT-2 a 4 x hidden MLP and 50,257 tokens. Adam, float32, `fit` for `--steps`
-steps of `--batch` sequences of `--seq` tokens, N logical CPU replicas.
+GPT-2 a 4 x hidden MLP and 50,257 tokens. Adam, float32 (or `--policy
+mixed_bfloat16`, with `--param-dtype float32` for float32 working weights at
+stages 1-2), `fit` for `--steps` steps of `--batch` sequences of `--seq` tokens, N logical CPU replicas.
 
 For each mode, a bisection over k runs each candidate in its own process and
 counts it as fitting when it trains every step with a finite loss while its
@@ -122,7 +123,7 @@ def release_free_heap():
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def child(arch, mode, k, replicas, budget_gib, seq, batch, steps):
+def child(arch, mode, k, replicas, budget_gib, seq, batch, steps, policy=None, param_dtype=None):
     started = time.time()
     watch_rss(budget_gib, started)
     os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(int((budget_gib - 4) * 1024)))
@@ -134,10 +135,13 @@ def child(arch, mode, k, replicas, budget_gib, seq, batch, steps):
     import tf_zero
     from tf_zero import _private
 
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
     if mode == "mirrored":
         strategy = _private.new_mirrored_strategy(devices)
     else:
-        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]), prefetch_depth=1)
+        strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]), prefetch_depth=1,
+                                        param_dtype=param_dtype)
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = build(arch, k, seq)
@@ -184,7 +188,9 @@ def probe(args, mode, k):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(k),
            "--arch", args.arch, "--replicas", str(args.replicas), "--seq", str(args.seq),
            "--batch", str(args.batch), "--steps", str(args.steps),
-           "--budget-gib", str(args.budget_gib)]
+           "--budget-gib", str(args.budget_gib), "--param-dtype", args.param_dtype]
+    if args.policy:
+        cmd += ["--policy", args.policy]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
@@ -238,6 +244,10 @@ def main():
     parser.add_argument("--max-size", type=int, default=24, help="largest k tried")
     parser.add_argument("--probe", nargs=2, metavar=("MODE", "K"),
                         help="run one size of one mode and print its breakdown")
+    parser.add_argument("--policy", default=None,
+                        help="a Keras mixed-precision policy, e.g. mixed_bfloat16")
+    parser.add_argument("--param-dtype", choices=["compute", "float32"], default="compute",
+                        help="ZeroStrategy(param_dtype=...) under --policy")
     parser.add_argument("--child", nargs=2)
     args = parser.parse_args()
     if args.budget_gib is None:
@@ -245,9 +255,11 @@ def main():
     if args.child:
         mode, k = args.child
         return child(args.arch, mode, int(k), args.replicas, args.budget_gib, args.seq,
-                     args.batch, args.steps)
+                     args.batch, args.steps, args.policy, args.param_dtype)
+    precision = (f"{args.policy}, param_dtype={args.param_dtype}" if args.policy
+                 else "float32")
     print(f"{args.arch}: RSS budget {args.budget_gib} GiB, {args.replicas} replicas, Adam, "
-          f"float32, batch {args.batch} x {args.seq} tokens, {args.steps} steps", flush=True)
+          f"{precision}, batch {args.batch} x {args.seq} tokens, {args.steps} steps", flush=True)
     if args.probe:
         probe(args, args.probe[0], int(args.probe[1]))
         return 0

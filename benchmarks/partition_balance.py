@@ -14,7 +14,7 @@ published configurations; nothing is built or downloaded) at N = 2, 4, 8, 16:
 * adafactor / muon state: the busiest replica's optimizer-state bytes over the
   ideal, with the plan ZeroOptimizer makes for that optimizer: owners chosen
   for both loads (`plan_owners(costs=...)`, the state measured by
-  `tf_zero.owners.state_bytes` of the slots an optimizer builds on
+  `tf_zero.state.owners.state_bytes` of the slots an optimizer builds on
   stand-ins in a graph of their own), and the variables Muon updates with its
   element-wise AdamW (embeddings, vectors) spread in runs (`split=...`).
 
@@ -73,9 +73,9 @@ def main():
     import keras
     import numpy as np
 
-    from tf_zero.owners import plain_slot_specs, state_bytes
+    from tf_zero.state.owners import plain_slot_specs, state_bytes
     from tf_zero.plan import plan_owners
-    from tf_zero.support import split_variables
+    from tf_zero.state.partition import split_variables
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bucket-mib", type=float, default=8.0)

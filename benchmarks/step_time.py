@@ -17,6 +17,11 @@ forward and backward pass alone under MirroredStrategy, no reduction and no
 update, which no mode of data-parallel training can beat on the same replicas.
 
     python benchmarks/step_time.py [--model mlp27m] [--rounds 2] [--replicas 4] [--epochs 3]
+
+Under a mixed policy stages 1-2 keep 16-bit working weights; the modes
+`stage1_float32` / `stage2_float32` keep float32 ones (`param_dtype="float32"`):
+
+    python benchmarks/step_time.py --policy mixed_bfloat16 --modes mirrored stage2 stage2_float32
 """
 
 import argparse
@@ -34,6 +39,9 @@ def child(args):
     """One mode's run; prints one JSON line."""
     devices = _common.configure_cpus(args.replicas)
     import keras
+
+    if args.policy:
+        keras.mixed_precision.set_global_policy(args.policy)
 
     hidden = args.hidden or _common.hidden_for(int(args.params))
     bucket = int(args.bucket_mib * 2**20) if args.bucket_mib else None
@@ -87,10 +95,13 @@ def main():
                         help="mlp width; overrides --params (quickstart: 2048)")
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=list(_common.MODES),
-                        choices=[*_common.MODES, _common.FLOOR],
+                        choices=[*_common.MODES, _common.FLOOR, *_common.FLOAT32_WORKING_MODES],
                         help=f"'{_common.FLOOR}': the forward and backward pass alone "
                              "under MirroredStrategy (no reduction, no update), the floor "
                              "under every mode")
+    parser.add_argument("--policy", default=None,
+                        help="a Keras mixed-precision policy, e.g. mixed_bfloat16; the modes "
+                             "stage1_float32 / stage2_float32 keep float32 working weights")
     parser.add_argument("--rounds", type=int, default=1,
                         help="processes per mode, alternating between the modes")
     parser.add_argument("--epochs", type=int, default=3, help="per process, the first untimed")
@@ -121,6 +132,8 @@ def main():
     first = runs[base][0]
     what = (_common.WORKLOADS[args.model][0] if args.model != "mlp"
             else f"MLP, Adam, global batch {args.batch_per_replica * args.replicas}")
+    if args.policy:
+        what += f", {args.policy}"
     print(f"{what}: {first['params']:,} parameters, {args.replicas} replicas, "
           f"{first['steps']} timed steps per process, {args.rounds} round(s), "
           f"CPU allocator: {allocator}")
@@ -128,7 +141,7 @@ def main():
     for mode in args.modes:
         step, rss = med(mode, "step"), med(mode, "rss")
         ratios[mode] = step / med(base, "step")
-        print(f"{mode:>9}: median step {step * 1000:8.2f} ms   x{ratios[mode]:.3f} of {base}"
+        print(f"{mode:>14}: median step {step * 1000:8.2f} ms   x{ratios[mode]:.3f} of {base}"
               f"   epoch/steps {med(mode, 'epoch_step') * 1000:8.2f} ms   first step "
               f"{med(mode, 'first'):6.2f} s   traced ops {int(med(mode, 'ops')):,}"
               f"   peak RSS {rss:7.0f} MiB x{rss / med(base, 'rss'):.3f}")

@@ -8,10 +8,12 @@ bundled 8x8 digits (upsampled to 32x32 RGB) for the CNNs.
 
 `train(name, mode, ...)` trains one model for a few `fit` steps and returns
 its weights and losses. Modes: `"stage1"`, `"stage2"`, `"stage3"` (ZeroStrategy
-and ZeroOptimizer), `"mirrored"` (the plain optimizer under MirroredStrategy:
-the reference) and `"mirrored_one_device"` (the same with
-`ReductionToOneDevice`, which sums the gradients in another order: its
-distance to `"mirrored"` is the run's float-noise floor).
+and ZeroOptimizer; under a mixed policy stages 1-2 keep 16-bit working
+copies), `"stage1_float32"`, `"stage2_float32"` (the same with
+`param_dtype="float32"`: float32 working weights), `"mirrored"` (the plain
+optimizer under MirroredStrategy: the reference) and `"mirrored_one_device"`
+(the same with `ReductionToOneDevice`, which sums the gradients in another
+order: its distance to `"mirrored"` is the run's float-noise floor).
 
 Used by `tests/test_models.py` (a representative subset) and
 `benchmarks/models.py` (the full sweep).
@@ -29,6 +31,7 @@ LM_VOCAB = 512
 SEQ = 32
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MODES = ("mirrored", "mirrored_one_device", "stage1", "stage2", "stage3")
+WORKING_MODES = ("stage1_float32", "stage2_float32")  # float32 working weights
 
 
 def text_tokens(count, seq=SEQ, seed=0):
@@ -231,8 +234,10 @@ def strategy_for(mode, devices, persistence_threshold=1024):
             _strategies[key] = tf.distribute.MirroredStrategy(
                 devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
         else:
+            stage, _, param_dtype = mode.partition("_")
             _strategies[key] = tf_zero.ZeroStrategy(
-                devices, stage=int(mode[-1]), persistence_threshold=persistence_threshold)
+                devices, stage=int(stage[-1]), persistence_threshold=persistence_threshold,
+                param_dtype=param_dtype or "compute")
     return _strategies[key]
 
 
@@ -242,6 +247,7 @@ class Run:
     losses: list
     sharded_fraction: float  # of the trainable elements stored as stage-3 shards
     optimizer: object = None
+    working_fraction: float = 0.0  # of the trainable elements with 16-bit working copies
 
 
 def train(name, mode, devices, precision="float32", steps=3, batch=16, seed=1, grappler=False,
@@ -274,7 +280,10 @@ def train(name, mode, devices, precision="float32", steps=3, batch=16, seed=1, g
     total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     sharded = sum(int(np.prod(v.shape)) for v in model.trainable_variables
                   if tf_zero.is_sharded(v))
-    return Run(model.get_weights(), losses, sharded / max(total, 1), model.optimizer)
+    working = sum(int(np.prod(v.shape)) for v in model.trainable_variables
+                  if tf_zero.has_working_copy(v))
+    return Run(model.get_weights(), losses, sharded / max(total, 1), model.optimizer,
+               working / max(total, 1))
 
 
 def max_diff(a, b):
