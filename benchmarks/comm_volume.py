@@ -38,6 +38,8 @@ the default persistence threshold), `gpt2` (the keras_hub GPT-2 workload of
     python benchmarks/comm_volume.py --models mlp --policies mixed_bfloat16
     python benchmarks/comm_volume.py --models mlp --workers 2 --shard-group-size 2 \\
         --modes mirrored stage2 --policies float32               # hybrid sharding
+    python benchmarks/comm_volume.py --models mlp gpt2 --workers 2 --quantized \\
+        --policies float32 mixed_bfloat16                          # quantized stage 3
     python -m tf_zero.launch --workers 2 --devices-per-worker 2 benchmarks/comm_volume.py \\
         --models mlp_tiny mlp                                      # a real 2 x 2 job
 
@@ -98,8 +100,9 @@ def multi_worker_strategy(stage, args):
     return _multi_worker_strategies[stage]
 
 
-def build(name, mode, devices, args):
-    """(model, x, y, global batch) of model `name` compiled under `mode`."""
+def build(name, mode, devices, args, quantization=None):
+    """(model, x, y, global batch) of model `name` compiled under `mode`
+    (`quantization`: ZeroStrategy's quantized_* settings)."""
     import keras
     import numpy as np
 
@@ -113,7 +116,8 @@ def build(name, mode, devices, args):
     else:
         strategy = tf_zero.ZeroStrategy(devices, stage=int(mode[-1]),
                                         persistence_threshold=args.persistence_threshold,
-                                        shard_group_size=args.shard_group_size)
+                                        shard_group_size=args.shard_group_size,
+                                        **(quantization or {}))
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         keras.utils.set_random_seed(1)
@@ -305,6 +309,48 @@ def stage3_reads(model, report, replicas):
     return lines
 
 
+QUANTIZED = {
+    "float32 collectives": {},
+    "int8 weights": {"quantized_weights": "int8"},
+    "int8 gradients": {"quantized_gradients": "int8"},
+    "int4 gradients": {"quantized_gradients": "int4"},
+    "int8 both": {"quantized_weights": "int8", "quantized_gradients": "int8"},
+    "int8 w + int4 g": {"quantized_weights": "int8", "quantized_gradients": "int4"},
+}
+
+
+def quantized_table(name, policy, devices, args):
+    """Stage 3's bytes per replica per step with each quantized-collective
+    setting (ZeRO++'s qwZ and qgZ), against float32 collectives."""
+    import keras
+
+    import tf_zero
+
+    rows, reference = [], None
+    for label, settings in QUANTIZED.items():
+        settings = dict(settings, quantization_block_size=args.quantization_block_size)
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model, x, y, batch = build(name, "stage3", devices, args, settings)
+            report = tf_zero.traffic.collective_traffic(model, x, y, batch_size=batch,
+                                                        workers=args.workers)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        gather = report.select(scope="zero_gather").bytes_per_replica
+        grad = report.select(scope="zero_gather_grad").bytes_per_replica
+        total = report.bytes_per_replica
+        reference = reference or total
+        rows.append((label, gather, grad, total, report.across_bytes_per_replica,
+                     total / reference))
+    print(f"\n{name}, {policy}, stage 3, quantized collectives (blocks of "
+          f"{args.quantization_block_size}): bytes one replica sends per step")
+    print(f"  {'setting':<22}{'gathers':>14}{'grad r-s':>14}{'total':>14}"
+          f"{'across workers':>16}{'x float32':>11}")
+    for label, gather, grad, total, across, ratio in rows:
+        print(f"  {label:<22}{gather:14,.0f}{grad:14,.0f}{total:14,.0f}{across:16,.0f}"
+              f"{ratio:11.3f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -321,6 +367,9 @@ def main():
                         help="hybrid sharding over groups of this many replicas (stages 1-2)")
     parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16"],
                         choices=POLICIES, help="Keras dtype policies, a table each")
+    parser.add_argument("--quantized", action="store_true",
+                        help="stage 3 with each quantized-collective setting instead")
+    parser.add_argument("--quantization-block-size", type=int, default=2048)
     parser.add_argument("--verbose", action="store_true", help="print each step's report")
     args = parser.parse_args()
     multi_worker = bool(os.environ.get("TF_CONFIG"))
@@ -334,6 +383,10 @@ def main():
     if multi_worker and chief and "mirrored" in args.modes:
         print("mirrored: the plain Keras optimizer under a multi-worker ZeroStrategy "
               "(MultiWorkerMirroredStrategy's gradient all-reduce)")
+    if args.quantized:
+        for name, policy in ((name, policy) for name in args.models for policy in args.policies):
+            quantized_table(name, policy, devices, args)
+        return
     for name, policy in ((name, policy) for name in args.models for policy in args.policies):
         for mode in args.modes:
             start = time.perf_counter()

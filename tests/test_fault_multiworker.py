@@ -255,7 +255,8 @@ DOC_FILES = ("README.md", "docs/semantics.md", "docs/mixed-precision.md",
              "docs/models.md", "docs/finetune-preset.md", "docs/whole-variable.md",
              "docs/checkpoints.md",
              "docs/architecture.md",
-             "docs/benchmarks.md", "docs/limits.md", "docs/hybrid-sharding-design.md", "docs/compat.md",
+             "docs/benchmarks.md", "docs/limits.md", "docs/hybrid-sharding-design.md",
+             "docs/quantized-collectives.md", "docs/compat.md",
              "docs/tests.md")
 
 

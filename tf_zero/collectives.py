@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
+from tf_zero.traffic import quantize
 
 
 def backend(strategy=None) -> str:
@@ -271,6 +272,111 @@ def all_reduce_sum(x: tf.Tensor, options=None, group=None) -> tf.Tensor:
         ctx = tf.distribute.get_replica_context()
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x, options=options)
     return _private.raw_all_reduce(x, params)
+
+
+@_eager_via_merge_call
+def all_to_all(x: tf.Tensor, options=None, group=None) -> tf.Tensor:
+    """Sends row `j` of `x` (`n` equal rows laid end to end) to replica `j`;
+    returns the rows every replica sent this one, in replica order.
+
+    Args:
+        x: 1-D tensor whose length is a multiple of the replica count.
+        options: optional `tf.distribute.experimental.CommunicationOptions`.
+        group: a `Subgroup` to exchange within instead of every replica.
+    """
+    _check_1d(x, "all_to_all")
+    n = _num_replicas() if group is None else group.size
+    if n == 1:
+        return tf.identity(x)
+    launcher, params = _launch(options, group, "all_to_all")
+    if launcher is None:  # no all-to-all there: gather every row, keep ours
+        ctx = tf.distribute.get_replica_context()
+        rows = tf.reshape(ctx.all_gather(x, axis=0, options=options), [n, n, -1])
+        return tf.reshape(rows[:, rank()], [-1])
+    return tf.reshape(_private.raw_all_to_all(tf.reshape(x, [n, -1]), params), [-1])
+
+
+# ---- quantized collectives (ZeRO++): see tf_zero.traffic.quantize ---------------
+
+
+def quantized_all_gather(x: tf.Tensor, q, dtype, group=None) -> tf.Tensor:
+    """`all_gather` of `x` block-quantized by `q` (a
+    `tf_zero.traffic.quantize.BlockQuantization`), dequantized into `dtype`.
+
+    Every replica receives the same bytes, so every replica's result is the
+    same, its own part included. One collective: codes and scales travel
+    together. Without a peer (`n == 1`) `x` is only cast.
+    """
+    _check_1d(x, "quantized_all_gather")
+    n = _num_replicas() if group is None else group.size
+    if n == 1:
+        return tf.cast(x, dtype)
+    length = int(x.shape[0])
+    wire = quantize.pack(*quantize.quantize(x, q), q)
+    rows = tf.reshape(all_gather(wire, group=group), [n, -1])
+    codes, scales = quantize.unpack(rows, length, q)
+    return tf.reshape(quantize.dequantize(codes, scales, length, dtype), [-1])
+
+
+def quantized_reduce_scatter(x: tf.Tensor, q, group=None) -> tf.Tensor:
+    """`reduce_scatter` with each replica's slices sent block-quantized by `q`
+    (one all-to-all of codes and scales) and summed in float32 on arrival;
+    returned in `x.dtype`. A block holding NaN or infinity arrives as NaN.
+    """
+    _check_1d(x, "quantized_reduce_scatter")
+    n = _num_replicas() if group is None else group.size
+    if n == 1:
+        return tf.identity(x)
+    length = int(x.shape[0])
+    if length % n:
+        raise ValueError(
+            f"quantized_reduce_scatter needs a length divisible by {n} replicas, got "
+            f"{length}; pad the input (the shard plan does).")
+    shard = length // n
+    wire = quantize.pack(*quantize.quantize(tf.reshape(x, [n, shard]), q), q)
+    received = tf.reshape(all_to_all(tf.reshape(wire, [-1]), group=group), [n, -1])
+    codes, scales = quantize.unpack(received, shard, q)
+    total = tf.reduce_sum(quantize.dequantize(codes, scales, shard, tf.float32), axis=0)
+    return tf.cast(total, x.dtype)
+
+
+def quantized_all_reduce_sum(x: tf.Tensor, q, group=None) -> tf.Tensor:
+    """`all_reduce_sum` whose inputs travel block-quantized by `q` (one
+    all-gather), summed in float32 in the same order on every member: every
+    member receives the same sum. For the slow hop of hybrid sharding."""
+    n = _num_replicas() if group is None else group.size
+    if n == 1:
+        return tf.identity(x)
+    rows = tf.reshape(quantized_all_gather(x, q, tf.float32, group), [n, -1])
+    return tf.cast(tf.reduce_sum(rows, axis=0), x.dtype)
+
+
+def shard_sum(flat: tf.Tensor, reduce_dtype=None, groups=None, quantization=None) -> tf.Tensor:
+    """This replica's slice of the sum of `flat` over every replica: the
+    gradient reduce-scatter of the step and of stage 3's gathers.
+
+    Args:
+        flat: 1-D local gradient, its length a multiple of the shard count.
+        reduce_dtype: dtype the gradient travels in (None: its own).
+        groups: hybrid sharding's (shard group, replica group): reduce-scatter
+            within the shard group, then all-reduce the slice across groups,
+            so every replica holding shard `s` receives the sum over all.
+        quantization: a `BlockQuantization` the gradient travels in: the
+            reduce-scatter without hybrid sharding, only the all-reduce across
+            groups with it (the slow hop). Sums are float32 on arrival.
+
+    Returns:
+        The summed slice in `flat.dtype`.
+    """
+    within, across = groups if groups else (None, None)
+    if quantization is not None and across is None:
+        return quantized_reduce_scatter(flat, quantization, group=within)
+    wire = flat if not reduce_dtype else tf.cast(flat, reduce_dtype)
+    shard = reduce_scatter(wire, group=within)
+    if across is not None:
+        shard = (quantized_all_reduce_sum(shard, quantization, group=across)
+                 if quantization is not None else all_reduce_sum(shard, group=across))
+    return tf.cast(shard, flat.dtype) if shard.dtype != flat.dtype else shard
 
 
 # ---- the flat layout every collective takes ------------------------------------

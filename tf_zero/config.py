@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import numbers
 
 STAGES = (1, 2, 3)
@@ -17,6 +18,8 @@ PARAM_DTYPES = ("compute", "float32")
 DEFAULT_BUCKET_SIZE_BYTES = 8 * 1024 * 1024
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 DEFAULT_PREFETCH_DEPTH = 2
+QUANTIZATION_BITS = (8, 4)
+DEFAULT_QUANTIZATION_BLOCK_SIZE = 2048
 
 
 class Partition(str, enum.Enum):
@@ -61,6 +64,65 @@ def as_partition(value) -> Partition | None:
         raise ValueError(
             f"partition must be one of {[p.value for p in Partition]} (or None: chosen "
             f"from the optimizer), got {value!r}.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockQuantization:
+    """How one tensor travels quantized.
+
+    Attributes:
+        bits: 8 (int8) or 4 (int4, two codes per byte).
+        block_size: elements per scale; a multiple of 64.
+    """
+
+    bits: int = 8
+    block_size: int = DEFAULT_QUANTIZATION_BLOCK_SIZE
+
+    def __post_init__(self):
+        if self.bits not in QUANTIZATION_BITS:
+            raise ValueError(
+                f"quantization bits must be one of {QUANTIZATION_BITS}, got {self.bits!r}.")
+        if (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                or self.block_size < 64 or self.block_size % 64):
+            raise ValueError(
+                f"quantization_block_size must be a positive multiple of 64, got "
+                f"{self.block_size!r}; the default is {DEFAULT_QUANTIZATION_BLOCK_SIZE}.")
+
+    @property
+    def qmax(self) -> int:
+        """The largest code: 127 for int8, 7 for int4."""
+        return (1 << (self.bits - 1)) - 1
+
+    def num_blocks(self, length: int) -> int:
+        return max(1, math.ceil(length / self.block_size))
+
+    def code_bytes(self, length: int) -> int:
+        """Bytes of the codes of `length` elements (padded to whole blocks)."""
+        return self.num_blocks(length) * self.block_size * self.bits // 8
+
+    def wire_length(self, length: int) -> int:
+        """float16 elements that carry `length` elements: codes, then scales."""
+        return (self.code_bytes(length) + 4 * self.num_blocks(length)) // 2
+
+    def wire_bytes(self, length: int) -> int:
+        """Bytes sent for `length` elements."""
+        return 2 * self.wire_length(length)
+
+
+def as_quantization(name: str, value, block_size: int) -> BlockQuantization | None:
+    """A `ZeroConfig` setting ("int8", "int4", None) as a `BlockQuantization`.
+
+    Raises:
+        ValueError: any other value (named by `name`).
+    """
+    if value is None:
+        return None
+    allowed = {"int8": 8} if name == "quantized_weights" else {"int8": 8, "int4": 4}
+    if value not in allowed:
+        raise ValueError(
+            f"{name} must be one of {sorted(allowed)} or None (full precision), got "
+            f"{value!r}.")
+    return BlockQuantization(allowed[value], block_size)
 
 
 WORKER = "worker"
@@ -123,6 +185,19 @@ class ZeroConfig:
             the strategy's collective groups); it must divide the replica
             count. `ZeroStrategy(shard_group_size="worker")` names the
             devices of one worker (HSDP / hybrid sharding per host).
+        quantized_weights: "int8" sends the gathers of float32 master shards
+            (stage 3's forward and backward gathers, the publish of 16-bit
+            working copies) block-quantized: symmetric int8 codes and one
+            float32 scale per `quantization_block_size` elements, dequantized
+            into the compute dtype on arrival (ZeRO++'s qwZ). The masters are
+            never quantized. None (default): full precision.
+        quantized_gradients: "int8" or "int4" sends the gradient
+            reduce-scatter (an all-to-all of block-quantized slices, summed
+            in float32 on arrival; ZeRO++'s qgZ); under hybrid sharding only
+            the all-reduce across shard groups (the slow hop) is quantized.
+            Element partition only. None (default): full precision.
+        quantization_block_size: elements per scale of both (a multiple of
+            64; default 2048).
     """
 
     stage: int = 2
@@ -134,6 +209,9 @@ class ZeroConfig:
     partition: Partition | None = None
     param_dtype: str = "compute"
     shard_group_size: int | None = None
+    quantized_weights: str | None = None
+    quantized_gradients: str | None = None
+    quantization_block_size: int = DEFAULT_QUANTIZATION_BLOCK_SIZE
 
     def __post_init__(self):
         if isinstance(self.stage, bool) or self.stage not in STAGES:
@@ -173,6 +251,20 @@ class ZeroConfig:
         if self.shard_group_size is not None:
             self._set("shard_group_size",
                       positive_int("shard_group_size", self.shard_group_size))
+        self.weight_quantization  # validates all three settings
+        self.gradient_quantization
+
+    @property
+    def weight_quantization(self) -> BlockQuantization | None:
+        """How gathers of master shards travel (None: full precision)."""
+        return as_quantization("quantized_weights", self.quantized_weights,
+                               self.quantization_block_size)
+
+    @property
+    def gradient_quantization(self) -> BlockQuantization | None:
+        """How the gradient reduce-scatter travels (None: full precision)."""
+        return as_quantization("quantized_gradients", self.quantized_gradients,
+                               self.quantization_block_size)
 
     def _set(self, name, value):
         object.__setattr__(self, name, value)

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.config import (DEFAULT_BUCKET_SIZE_BYTES, DEFAULT_PERSISTENCE_THRESHOLD,
-                            DEFAULT_PREFETCH_DEPTH, WORKER, ZeroConfig, positive_int)
+                            DEFAULT_PREFETCH_DEPTH, DEFAULT_QUANTIZATION_BLOCK_SIZE, WORKER,
+                            ZeroConfig, positive_int)
 from tf_zero.fault import preemption, shutdown, startup
 from tf_zero.fault.coordination import DEVICES_ENV
 from tf_zero.weights.creator import sharding_creator, uses_creator
@@ -64,6 +65,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
         shard_group_size: hybrid sharding over groups of this many replicas
             (stages 1-2), see `tf_zero.ZeroConfig`; "worker": the devices of
             one worker.
+        quantized_weights, quantized_gradients, quantization_block_size:
+            quantized collectives (ZeRO++'s qwZ and qgZ): "int8" gathers of
+            master shards, "int8"/"int4" gradient reduce-scatters, see
+            `tf_zero.ZeroConfig` and docs/quantized-collectives.md.
         cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver`
             for multi-worker runs (default: read `TF_CONFIG`).
         communication_options: `tf.distribute.experimental.CommunicationOptions`
@@ -92,7 +97,8 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
                  bucket_size_bytes=DEFAULT_BUCKET_SIZE_BYTES, reduce_dtype=None,
                  persistence_threshold=DEFAULT_PERSISTENCE_THRESHOLD,
                  prefetch_depth=DEFAULT_PREFETCH_DEPTH, recompute=True, param_dtype=None,
-                 shard_group_size=None, cluster_resolver=None, communication_options=None,
+                 shard_group_size=None, quantized_weights=None, quantized_gradients=None,
+                 quantization_block_size=DEFAULT_QUANTIZATION_BLOCK_SIZE, cluster_resolver=None, communication_options=None,
                  devices_per_worker=None, startup_timeout=startup.DEFAULT_STARTUP_TIMEOUT):
         per_worker = shard_group_size == WORKER
         if per_worker:
@@ -103,7 +109,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
                                        persistence_threshold=persistence_threshold,
                                        prefetch_depth=prefetch_depth,
                                        recompute=recompute, param_dtype=param_dtype,
-                                       shard_group_size=shard_group_size)
+                                       shard_group_size=shard_group_size,
+                                       quantized_weights=quantized_weights,
+                                       quantized_gradients=quantized_gradients,
+                                       quantization_block_size=quantization_block_size)
         if communication_options is None:
             communication_options = tf.distribute.experimental.CommunicationOptions()
         if startup_timeout is not None and not startup_timeout > 0:
@@ -153,7 +162,10 @@ class ZeroStrategy(_private.CollectiveAllReduceStrategyBase):
         if per_worker:
             shard_group_size = self.num_replicas_in_sync // _private.worker_count(self)
             self._zero_config = dataclasses.replace(self._zero_config,
-                                                    shard_group_size=shard_group_size)
+                                                    shard_group_size=shard_group_size,
+                                       quantized_weights=quantized_weights,
+                                       quantized_gradients=quantized_gradients,
+                                       quantization_block_size=quantization_block_size)
         if shard_group_size is not None and self.num_replicas_in_sync % shard_group_size:
             raise ValueError(
                 f"shard_group_size={shard_group_size} must divide the "

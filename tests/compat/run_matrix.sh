@@ -48,7 +48,8 @@ tests/test_fault_backup.py;\
 tests/test_whole_partition.py -k '(match_mirrored and 4) or overflow';\
 tests/test_step_accumulation.py -k 'micro_steps and 4-2';\
 tests/test_mixed_precision_loss_scale.py -k overflow_on_one;\
-tests/test_hybrid_sharding.py -k 'slurm and 3'"
+tests/test_hybrid_sharding.py -k 'slurm and 3';\
+tests/test_quantized_collectives.py -k '(round_trip and 200 and random) or quantized_reduce_scatter or hybrid or overflow'"
 IFS=';' read -r -a TESTS <<< "${TF_ZERO_MATRIX_TESTS:-$DEFAULT_TESTS}"
 
 combos=("$@")

@@ -12,7 +12,7 @@ import warnings
 import keras
 
 from tf_zero import _private
-from tf_zero.config import ZeroConfig, positive_int
+from tf_zero.config import Partition, ZeroConfig, positive_int
 from tf_zero.state.partition import choose_partition, distinct, is_multi
 
 
@@ -181,3 +181,29 @@ def check_hybrid(config, partition, variables):
             "shard_group_size (hybrid sharding) is implemented for the element partition; "
             "this optimizer owns whole variables (Lamb, Adafactor, Muon, a MultiOptimizer). "
             "Use full sharding (shard_group_size=None).")
+
+
+def check_quantization(config, partition, variables):
+    """Where quantized collectives apply: gradients with the element
+    partition; weights where float32 master shards are gathered (stage 3,
+    16-bit working copies).
+
+    Raises:
+        ValueError: `quantized_gradients` with the whole-variable partition,
+            or `quantized_weights` with no weight gathered from a master
+            shard; named, with the fix.
+    """
+    if config.quantized_gradients is not None and partition == Partition.WHOLE:
+        raise ValueError(
+            "quantized_gradients quantizes the element partition's reduce-scatter; this "
+            "optimizer owns whole variables (Lamb, Adafactor, Muon, a MultiOptimizer), "
+            "whose gradients are reduced to their owner. Use quantized_gradients=None.")
+    if config.quantized_weights is not None and not any(
+            _private.sharded_storage(v) is not None for v in variables):
+        raise ValueError(
+            "quantized_weights quantizes the gathers of float32 master shards, and no "
+            "weight here has one: use stage=3, or stages 1-2 under a mixed-precision "
+            "policy with param_dtype='compute' (16-bit working copies) for weights of at "
+            f"least persistence_threshold={config.persistence_threshold} elements. In "
+            "float32 at stages 1-2 each replica's weight is its own master, which a "
+            "quantized publish would corrupt; use quantized_weights=None.")

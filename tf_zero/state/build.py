@@ -88,9 +88,11 @@ def build_state(inner, var_list, requested: dict, partition: Partition,
         admission.check_whole_partition(inner, config, variables, optimizers)
     admission.check_stage3(config, strategy, variables, all_optimizers(inner))
     admission.check_hybrid(config, partition, variables)
+    admission.check_quantization(config, partition, variables)
     shards = build_shards(inner, variables, strategy, config.bucket_size_bytes,
                           config.reduce_dtype, partition=partition, optimizers=optimizers,
-                          shard_group_size=config.shard_group_size)
+                          shard_group_size=config.shard_group_size,
+                          gradient_quantization=config.gradient_quantization)
     face.add_sharded(inner, shards)
     if accumulator:
         with tf.variable_creator_scope(per_replica_creator):

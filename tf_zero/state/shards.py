@@ -56,6 +56,8 @@ class Shards:
             `tf_zero.collectives.Subgroup`s the step's collectives span: the
             plan has one shard per member of a shard group, and replica `r`
             holds shard `r % K`.
+        gradient_quantization: the `tf_zero.config.BlockQuantization` the
+            reduce-scatter sends (None: full precision).
     """
 
     plan: ShardPlan
@@ -70,6 +72,7 @@ class Shards:
     optimizers: tuple = ()
     slot_specs: tuple = ()
     groups: tuple | None = None
+    gradient_quantization: object = None
 
     @property
     def shard_group(self):
@@ -129,7 +132,8 @@ class Shards:
 
 
 def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=None,
-                 partition=Partition.ELEMENT, optimizers=None, shard_group_size=None) -> Shards:
+                 partition=Partition.ELEMENT, optimizers=None, shard_group_size=None,
+                 gradient_quantization=None) -> Shards:
     """Plans `variables`, creates their shards and builds `inner` on them.
 
     Runs in cross-replica context under `strategy.scope()`. With
@@ -140,6 +144,8 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
 
     With `shard_group_size` K (hybrid sharding, element partition), plans K
     shards: the replicas of each group of K hold one copy of the state.
+    `gradient_quantization` (a `BlockQuantization`, element partition): how
+    the buckets' gradients travel.
 
     Raises:
         ValueError: the inner optimizer creates a variable that is not an
@@ -189,7 +195,8 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
             synchronization="on_read", aggregation="only_first_replica"))
     shards = Shards(plan=plan, variables=tuple(variables), storage=tuple(storage), slots=(),
                     stored=stored_buckets, working=working_buckets, strategy=strategy,
-                    reduce_dtype=reduce_dtype, groups=groups)
+                    reduce_dtype=reduce_dtype, groups=groups,
+                    gradient_quantization=gradient_quantization)
     _fill_from_model(shards)
     before = len(inner.variables)
     _private.mark_local_update(inner)

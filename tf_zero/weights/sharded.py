@@ -51,21 +51,21 @@ class ShardedVariable(ShardedStorage):
         # float32 (or the variable's wider dtype) unless reduce_dtype says otherwise.
         reduce_dtype = tf.as_dtype(self._config.reduce_dtype or (
             shard_dtype if shard_dtype.size >= 4 else tf.float32))
-        within, across = self.groups if self.groups else (None, None)
+        within = self.shard_group
         with tf.control_dependencies(prefetch.dependencies()):
             local = _private.local_component(self.shard).read_value()
 
         @tf.custom_gradient
         def gather(shard):
-            full = gather_as(shard, gather_dtype, within)
+            full = gather_as(shard, gather_dtype, within, self._config.weight_quantization)
 
             def grad(dfull):
                 with tf.name_scope("zero_gather_grad"):
                     flat = collectives.pad(
                         tf.cast(collectives.dense_flat(dfull, shape), reduce_dtype), padded)
-                    summed = collectives.reduce_scatter(flat, group=within)
-                    if across is not None:  # hybrid: the shard's sum over every group
-                        summed = collectives.all_reduce_sum(summed, group=across)
+                    # Hybrid: then the shard's sum over every group.
+                    summed = collectives.shard_sum(flat, None, self.groups,
+                                                   self._config.gradient_quantization)
                     return tf.cast(summed, shard_dtype)
 
             return tf.reshape(full[:size], shape), grad

@@ -19,11 +19,14 @@ from tf_zero import _private, collectives
 from tf_zero.checkpoint.faces import ShardedWeightFace
 
 
-def gather_as(local_shard, dtype, group=None) -> tf.Tensor:
+def gather_as(local_shard, dtype, group=None, quantization=None) -> tf.Tensor:
     """Every replica's master shard (of `group`, a shard group under hybrid
     sharding), all-gathered cast to `dtype` first: a 16-bit read of a float32
     master moves 2 bytes per element (the stage-3 gather and the publish of
-    working copies). Replica context."""
+    working copies); with `quantization` (a `BlockQuantization`) it moves
+    block-quantized and is dequantized into `dtype`. Replica context."""
+    if quantization is not None:
+        return collectives.quantized_all_gather(local_shard, quantization, dtype, group)
     return collectives.all_gather(tf.cast(local_shard, dtype), group=group)
 
 

@@ -57,7 +57,8 @@ class WorkingVariable(ShardedStorage):
         """All-gathers the updated master shards cast to the working dtype into
         this replica's working copy (replica context)."""
         gathered = gather_as(_private.local_component(self.shard).read_value(),
-                             self.working_dtype, self.shard_group)
+                             self.working_dtype, self.shard_group,
+                             self._config.weight_quantization)
         _private.local_component(self.working).assign(
             tf.reshape(gathered[:self.size], self._shape))
 
