@@ -121,7 +121,7 @@ tf.config.set_logical_device_configuration(
 import keras
 import tf_zero
 strategy = tf_zero.ZeroStrategy(stage={stage}, shard_group_size="worker", startup_timeout=120,
-                                persistence_threshold=0)
+                                persistence_threshold=0{settings})
 assert strategy.zero_config.shard_group_size == 2
 assert strategy.num_replicas_in_sync == 4, strategy.num_replicas_in_sync
 sys.path.insert(0, {support!r})
@@ -139,21 +139,15 @@ print("trained", os.environ["SLURM_PROCID"], flush=True)
 """
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage):
-    """`srun -n 2` on one node, as SLURM sets the environment (no TF_CONFIG,
-    no GPU, no scontrol): ZeroStrategy finds the cluster itself, and hybrid
-    sharding (a shard group per worker: the all-reduce of gradient shards is
-    the only state traffic across workers; at stage 3 every weight a 1/2
-    shard gathered inside the worker) reaches one process's full sharding
-    over 4 replicas within 1e-6."""
+def _slurm_job(tmp_path, stage, settings=""):
+    """Runs SLURM_WORKER as 2 tasks of a SLURM step (ZeroStrategy keywords
+    `settings` added); returns each worker's weights after training."""
     import os
     import signal
     import subprocess
     import sys
 
-    from slurm_model import slurm_data, slurm_model
-    from worker_procs import REPO, h5_arrays
+    from worker_procs import REPO
 
     from tf_zero.launch import busy_ports, free_ports
 
@@ -162,7 +156,7 @@ def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage)
             break
     script = tmp_path / "worker.py"
     script.write_text(SLURM_WORKER.format(support=os.path.join(os.path.dirname(__file__), "support"),
-                                         out=str(tmp_path), stage=stage))
+                                         out=str(tmp_path), stage=stage, settings=settings))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update(PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]),
                SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost",
@@ -184,7 +178,21 @@ def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage)
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     workers = [np.load(tmp_path / f"worker{r}.npz") for r in (0, 1)]
-    workers = [[w[f"arr_{i}"] for i in range(len(w.files))] for w in workers]
+    return [[w[f"arr_{i}"] for i in range(len(w.files))] for w in workers]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage):
+    """`srun -n 2` on one node, as SLURM sets the environment (no TF_CONFIG,
+    no GPU, no scontrol): ZeroStrategy finds the cluster itself, and hybrid
+    sharding (a shard group per worker: the all-reduce of gradient shards is
+    the only state traffic across workers; at stage 3 every weight a 1/2
+    shard gathered inside the worker) reaches one process's full sharding
+    over 4 replicas within 1e-6."""
+    from slurm_model import slurm_data, slurm_model
+    from worker_procs import h5_arrays
+
+    workers = _slurm_job(tmp_path, stage)
     reference = slurm_model(zero_strategy(N, stage=stage, persistence_threshold=0))
     x, y = slurm_data()
     reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
@@ -210,6 +218,38 @@ def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage)
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     for got, want in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+QUANTIZED = dict(quantized_weights="int8", quantized_gradients="int8",
+                 quantization_block_size=64)
+
+
+def test_a_slurm_step_trains_with_quantized_collectives_as_one_process(tmp_path):
+    """Stage 3, a shard group per worker, int8 weight gathers inside the
+    worker and the int8 gradient all-reduce across the two processes: both
+    workers end with the same weights as one process with the same settings
+    (the quantized bytes are the same wherever they travel), and not with
+    full precision's."""
+    from slurm_model import slurm_data, slurm_model
+
+    settings = "".join(f", {k}={v!r}" for k, v in QUANTIZED.items())
+    workers = _slurm_job(tmp_path, 3, settings)
+    x, y = slurm_data()
+    # The job's dataset hands each worker every other quarter of a global
+    # batch of 16 (worker 0: examples 0-3 and 8-11); the quantized sums
+    # depend on which replica holds which examples, so one process is given
+    # the same: replicas 1 and 2 swap quarters.
+    order = np.concatenate([np.r_[0:4, 8:12, 4:8, 12:16] + 16 * k for k in range(len(x) // 16)])
+    x, y = x[order], y[order]
+    reference = slurm_model(zero_strategy(N, stage=3, persistence_threshold=0,
+                                          shard_group_size=2, **QUANTIZED))
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    full = slurm_model(zero_strategy(N, stage=3, persistence_threshold=0, shard_group_size=2))
+    full.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    for a, b, ref, exact in zip(*workers, reference.get_weights(), full.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, ref, atol=1e-6)
+    assert max_weight_diff(workers[0], full.get_weights()) > 1e-5  # it did quantize
 
 
 def test_memory_per_replica_is_the_group_share():
