@@ -343,3 +343,48 @@ def test_hybrid_sharding_quantizes_only_the_hop_across_groups():
         parts = [c.numpy() for c in tf_zero._private.components(shard)]
         np.testing.assert_array_equal(parts[0], parts[2])  # shard 0 in both groups
         np.testing.assert_array_equal(parts[1], parts[3])
+
+
+def test_custom_loop_eager_and_in_a_function_quantize_alike():
+    """TensorFlow's custom-loop tutorial at stage 3 with both quantizations:
+    eager and `tf.function` steps give the same weights. A model without a
+    `keras.Input` (built inside the step, where nothing can be sharded) is
+    refused with the fix named."""
+    strategy = zero_strategy(N, stage=3, persistence_threshold=0, quantization_block_size=64,
+                             quantized_weights="int8", quantized_gradients="int8")
+    x, y = regression_data(outputs=4)
+    results = []
+    for in_function in (False, True):
+        with strategy.scope():
+            model = mlp(hidden=32, outputs=4)
+            optimizer = tf_zero.ZeroOptimizer(keras.optimizers.SGD(0.1))
+        data = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+
+        def step(xb, yb, model=model, optimizer=optimizer):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum((model(xb) - yb) ** 2) / 16
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        run = tf.function(step) if in_function else step
+        for _ in range(2):
+            for xb, yb in data:
+                strategy.run(run, args=(xb, yb))
+        results.append([w.numpy() for w in model.weights])
+    for eager, traced in zip(*results):
+        np.testing.assert_allclose(eager, traced, atol=1e-6)
+
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        lazy = keras.Sequential([keras.layers.Dense(32), keras.layers.Dense(4)])
+        optimizer = tf_zero.ZeroOptimizer(keras.optimizers.SGD(0.1))
+
+    def lazy_step(xb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(lazy(xb))
+        grads = tape.gradient(loss, lazy.trainable_variables)
+        optimizer.apply_gradients(zip(grads, lazy.trainable_variables))
+
+    with pytest.raises(ValueError, match="give the model a keras.Input"), pytest.warns(UserWarning):
+        strategy.run(lazy_step, args=(tf.constant(x[:4]),))

@@ -107,6 +107,18 @@ def check_whole_partition(inner, config, variables, optimizers):
         check_supported(opt)
 
 
+def _why_unsharded(variables, threshold: int) -> str:
+    """Why a stage-3 model's trainable weights are not shards, and the fix."""
+    if any((v.shape.num_elements() or 0) >= threshold for v in variables):
+        return (f"weights of persistence_threshold={threshold} elements or more were "
+                "created where they could not be sharded: outside strategy.scope(), or "
+                "inside the training step, where a model without a keras.Input builds its "
+                "weights at its first call; create them under strategy.scope() before "
+                "training (give the model a keras.Input, or call model.build(input_shape))")
+    return (f"none has persistence_threshold={threshold} elements or more; lower "
+            "persistence_threshold to shard smaller weights")
+
+
 def check_stage3(config, strategy, variables, optimizers=()):
     """Stage 3 needs sharded weights: warn or refuse when there are none.
 
@@ -124,13 +136,11 @@ def check_stage3(config, strategy, variables, optimizers=()):
         return
     if getattr(strategy, "stage", None) == 3:
         warnings.warn(
-            "ZeroStrategy(stage=3): no trainable weight of this model is "
-            "sharded (none has persistence_threshold="
-            f"{strategy.zero_config.persistence_threshold} elements or more), "
-            "so the trainable weights are updated as at stage 2. Frozen "
+            "ZeroStrategy(stage=3): no trainable weight of this model is sharded ("
+            + _why_unsharded(variables, strategy.zero_config.persistence_threshold)
+            + "), so the trainable weights are updated as at stage 2. Frozen "
             "weights created under the scope are sharded all the same "
-            "(tf_zero.is_sharded tells which). Lower persistence_threshold "
-            "to shard smaller weights.",
+            "(tf_zero.is_sharded tells which).",
             stacklevel=4)
         return
     raise ValueError(
@@ -200,10 +210,14 @@ def check_quantization(config, partition, variables):
             "whose gradients are reduced to their owner. Use quantized_gradients=None.")
     if config.quantized_weights is not None and not any(
             _private.sharded_storage(v) is not None for v in variables):
+        if config.stage == 3:
+            fix = _why_unsharded(variables, config.persistence_threshold)
+        else:
+            fix = ("use stage=3, or stages 1-2 under a mixed-precision policy with "
+                   "param_dtype='compute' (16-bit working copies) for weights of at least "
+                   f"persistence_threshold={config.persistence_threshold} elements. In "
+                   "float32 at stages 1-2 each replica's weight is its own master, which a "
+                   "quantized publish would corrupt")
         raise ValueError(
             "quantized_weights quantizes the gathers of float32 master shards, and no "
-            "weight here has one: use stage=3, or stages 1-2 under a mixed-precision "
-            "policy with param_dtype='compute' (16-bit working copies) for weights of at "
-            f"least persistence_threshold={config.persistence_threshold} elements. In "
-            "float32 at stages 1-2 each replica's weight is its own master, which a "
-            "quantized publish would corrupt; use quantized_weights=None.")
+            f"weight here has one: {fix}; or use quantized_weights=None.")
