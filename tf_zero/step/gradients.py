@@ -56,8 +56,9 @@ def _flat_gradient(shards, i: int, grad) -> tf.Tensor:
         # backward pass) is this replica's local gradient: reduce-scatter it
         # like a stage-2 bucket of its own.
         flat = tf.cast(collectives.dense_flat(grad, var.shape), bucket.dtype)
-        return reduce_scatter(collectives.pad(flat, bucket.padded_size), shards.reduce_dtype,
-                          shards.groups, shards.gradient_quantization)
+        return collectives.shard_sum(collectives.pad(flat, bucket.padded_size),
+                                     shards.reduce_dtype, shards.groups,
+                                     shards.gradient_quantization)
     return tf.reshape(tf.convert_to_tensor(grad), [bucket.shard_size])
 
 
@@ -105,8 +106,8 @@ def scatter_buckets(shards, bucket_grads) -> list:
     for j in reversed(range(len(bucket_grads))):
         b, g = shards.plan.buckets[j], bucket_grads[j]
         shard_grads[j] = (g if shards.arrives_reduced(b)
-                          else reduce_scatter(g, shards.reduce_dtype, shards.groups,
-                                         shards.gradient_quantization))
+                          else collectives.shard_sum(g, shards.reduce_dtype, shards.groups,
+                                                     shards.gradient_quantization))
     return shard_grads
 
 
@@ -114,10 +115,3 @@ def reduce_to_shards(shards, flat_grads) -> list:
     """This replica's summed gradient shard of every bucket."""
     return scatter_buckets(shards, local_buckets(shards, flat_grads))
 
-
-def reduce_scatter(flat: tf.Tensor, reduce_dtype=None, groups=None,
-                   quantization=None) -> tf.Tensor:
-    """`collectives.shard_sum`: the reduce-scatter in `reduce_dtype` (or
-    block-quantized), then under hybrid sharding (`groups`: shard group,
-    replica group) the all-reduce of the shard across the groups."""
-    return collectives.shard_sum(flat, reduce_dtype, groups, quantization)
