@@ -11,6 +11,7 @@ MirroredStrategy. Tolerance: `ATOL`, the float32 noise of a few steps of
 these language models (measured <= 2e-7 in tests/test_models_real.py).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -170,6 +171,24 @@ def test_stage3_load_writes_shards_from_the_file_one_tensor_at_a_time(preset):
     plain = keras_hub.models.CausalLM.from_preset(preset)
     for a, b in zip(model.get_weights(), plain.get_weights()):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stage3_host_peak_of_the_load_is_one_tensor_above_the_shards():
+    """The issue's bound on the host, measured as `benchmarks/preset_load.py`
+    measures it (a fresh process, the kernel's peak RSS): loading a preset
+    whose largest tensor T is 16 MiB (an embedding of 16,384 x 256) into
+    stage-3 shards at N = 4 needs at most T above what the shards keep:
+    Keras' loader reads each tensor whole, and each shard's old buffer is
+    released before its slice is copied in (1.49 T before: a full slice
+    converted twice per shard)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "preset_load.py"), "--layers", "1",
+         "--hidden", "256", "--vocabulary", "16384", "--modes", "stage3", "--json"],
+        check=True, stdout=subprocess.PIPE, text=True, timeout=600).stdout
+    (row,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert row["T"] == 16384 * 256 * 4 and row["sharded"] == row["weights"]
+    transient = row["load_peak"] - row["after"]
+    assert transient <= 1.1 * row["T"], f"load transient {transient / row['T']:.2f} T"
 
 
 def test_example_fine_tunes_a_local_preset_with_lora(preset, tmp_path):

@@ -286,6 +286,44 @@ def test_own_buffers_gives_each_copy_a_buffer_of_its_own():
         np.testing.assert_array_equal(comp.numpy(), expected)
 
 
+def test_replace_buffer_frees_the_old_value_before_the_new_is_made():
+    n, size = 1 << 20, 4 << 20
+    with tf.device("/cpu:1"):
+        v = tf.Variable(tf.random.stateless_uniform([n], seed=[1, 2]))
+    held = _allocated()
+    during = []
+
+    def make_value():
+        during.append(_allocated())
+        return tf.fill([n], 3.0)
+
+    _private.replace_buffer(v, make_value)
+    assert during[0] <= held - size, (held, during)  # the old buffer was gone
+    np.testing.assert_array_equal(v.numpy(), np.full([n], 3.0, np.float32))
+    assert v.device.endswith("CPU:1")
+    with pytest.raises(ValueError, match="replace_buffer"):
+        _private.replace_buffer(v, lambda: tf.zeros([n + 1]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int32"])
+def test_host_copy_copies_a_view_once_aligned_and_padded(dtype):
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    base = np.arange(1001).astype(np_dtype)
+    view = base[3:700]  # a view at an offset no kernel would align
+    t = _private.host_copy(view, 800)
+    assert t.dtype == tf.as_dtype(dtype) and t.shape == [800]
+    base[3:700] = 0  # the tensor owns its values, not a view of `base`
+    expected = np.concatenate([np.arange(3, 700), np.zeros(103)]).astype(np_dtype)
+    np.testing.assert_array_equal(t.numpy(), expected)
+    with tf.device("/cpu:2"):
+        v = tf.Variable(tf.zeros([800], dtype))
+    _private.replace_buffer(v, lambda: _private.host_copy(view, 800))
+    v.assign_add(tf.ones([800], dtype))  # kernels run on the adopted buffer
+    np.testing.assert_array_equal(v.numpy(), (np.zeros(800) + 1).astype(np_dtype))
+
+
 def test_every_keras_patch_is_one_row_of_the_table_and_installed_once():
     """`import tf_zero` replaced exactly these Keras attributes, each by its
     row's replacement (which keeps the original it calls), and installing

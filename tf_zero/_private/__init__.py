@@ -103,7 +103,8 @@ from tf_zero._private.distribute import (  # noqa: E402
     is_sharded, is_sync_on_read, kv_get, kv_set, launcher_device, local_component,
     local_replica_index, local_replica_ranks, local_variable_creator, new_mirrored_strategy,
     new_multi_worker_strategy, next_collective_key_base, own_buffers, raw_all_gather,
-    raw_all_reduce, raw_all_to_all, raw_reduce_scatter, sharded_storage, strategy_of,
+    raw_all_reduce, raw_all_to_all, raw_reduce_scatter, replace_buffer, host_copy,
+    sharded_storage, strategy_of,
     tf_variable, uninitialized, unique_id, worker_count, worker_index, write_object_proto)
 from tf_zero._private.checkpoint_io import (  # noqa: E402
     matched_objects, run_write_callbacks, serialize_only, sliced_objects, sliced_saveables,

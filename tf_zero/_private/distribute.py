@@ -265,6 +265,55 @@ def own_buffers(variables, min_bytes: int = 1 << 16) -> None:
                     comp.assign(tf.raw_ops.DeepCopy(x=comp.read_value()))
 
 
+def replace_buffer(component, make_value) -> None:
+    """Assigns `make_value()` (a tensor of the component's shape and dtype)
+    to a variable component without ever holding both values: the old
+    buffer is dropped first (TensorFlow frees it when nothing else holds it)
+    by assigning an empty value, and the variable adopts the new one. Eager.
+    If `make_value` fails, the component is left empty and the error raised.
+    """
+    with tf.device(component.device):
+        tf.raw_ops.AssignVariableOp(resource=component.handle,
+                                    value=tf.zeros([0], component.dtype), validate_shape=False)
+    value = make_value()
+    if value.shape != component.shape or value.dtype != component.dtype:
+        raise ValueError(f"replace_buffer: {value.dtype}{value.shape} for a variable of "
+                         f"{component.dtype}{component.shape}")
+    with tf.device(component.device):
+        tf.raw_ops.AssignVariableOp(resource=component.handle, value=value,
+                                    validate_shape=False)
+
+
+def host_copy(piece, size: int) -> tf.Tensor:
+    """A tensor of `size` elements: NumPy array `piece` (a view into a larger
+    array is fine), flattened and zero-padded, copied once on the host.
+
+    A variable assigned a tensor adopts its buffer. `tf.convert_to_tensor`
+    would hold two copies of the values on the host, and a tensor wrapping
+    `piece`'s own memory (DLPack) would keep the whole array it views alive
+    in the variable. So the values are copied once into a 64-byte aligned
+    NumPy buffer of exactly this tensor's size (TensorFlow's kernels need
+    the alignment), which the tensor wraps without a copy. On a GPU the
+    assignment then copies it to the device and frees it. Dtypes DLPack does
+    not carry (bfloat16) are converted instead.
+    """
+    import numpy as np
+
+    piece = np.asarray(piece).reshape([-1])
+    align = 64
+    raw = np.empty(size * piece.itemsize + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    out = raw[offset:offset + size * piece.itemsize].view(piece.dtype)
+    out[:piece.size] = piece
+    out[piece.size:] = 0
+    try:
+        capsule = out.__dlpack__()
+    except (BufferError, TypeError, ValueError):
+        return tf.convert_to_tensor(out)
+    with tf.device("/cpu:0"):
+        return tf.experimental.dlpack.from_dlpack(capsule)
+
+
 def local_component(variable):
     """The current replica's component of a distributed variable.
 

@@ -192,7 +192,8 @@ class ShardedStorage(ShardedWeightFace):
         padded: beside `value` the host holds one 1/N slice (and its copy on
         the way to the replica's device), never a padded or per-replica full
         copy. A NumPy `value` (a weight read from a file: `load_weights`,
-        `from_preset`) is sliced as a view and converted slice by slice.
+        `from_preset`) is written with no host memory beside it: each shard's
+        old buffer is released before its slice is copied in.
         """
         if in_replica_context_of(self._strategy):
             raise ValueError(
@@ -217,9 +218,28 @@ class ShardedStorage(ShardedWeightFace):
             flat = tf.reshape(value, [-1])
         ranks = _private.local_replica_ranks(self._strategy)
         for rank, comp in zip(ranks, _private.components(self.shard)):
-            comp.assign(self._shard_of(flat, self.shard_index(rank)))
+            if isinstance(flat, np.ndarray):
+                self._write_from_host(comp, flat, self.shard_index(rank))
+            else:
+                comp.assign(self._shard_of(flat, self.shard_index(rank)))
         self._assigned(value)
         return self
+
+    def _write_from_host(self, comp, flat, index) -> None:
+        """Writes shard `index` of a flat NumPy value into replica component
+        `comp`, holding no more than the shard did: its old buffer is
+        released first, then its slice of the value is copied once into a
+        buffer of the shard's size (`_private.host_copy`), which the
+        variable adopts (`_private.replace_buffer`)."""
+        start = min(index * self.shard_size, self.size)
+        stop = min(start + self.shard_size, self.size)
+        piece = np.asarray(flat[start:stop], dtype=self._dtype.as_numpy_dtype)
+        try:
+            _private.replace_buffer(comp, lambda: _private.host_copy(piece, self.shard_size))
+        except Exception as error:
+            raise RuntimeError(
+                f"Writing {self._name} into its shards failed, and replica shard {index} has "
+                "lost its value; load the weights again.") from error
 
     def _shard_of(self, flat, index) -> tf.Tensor:
         """Shard `index` of the flat full value, zero-padded at the end."""
