@@ -120,6 +120,7 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 import tf_zero
+{prelude}
 strategy = tf_zero.ZeroStrategy(stage={stage}, shard_group_size="worker", startup_timeout=120,
                                 persistence_threshold=0{settings})
 assert strategy.zero_config.shard_group_size == 2
@@ -127,10 +128,12 @@ assert strategy.num_replicas_in_sync == 4, strategy.num_replicas_in_sync
 sys.path.insert(0, {support!r})
 from slurm_model import slurm_data, slurm_model
 model = slurm_model(strategy)
-x, y = slurm_data()
+x, y = slurm_data({data})
 model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=2, verbose=0)
+scale = getattr(model.optimizer, "dynamic_scale", None)
 np.savez(os.path.join({out!r}, "worker%s.npz" % os.environ["SLURM_PROCID"]),
-         *model.get_weights())
+         *model.get_weights(), iterations=model.optimizer.iterations.numpy(),
+         scale=np.nan if scale is None else scale.numpy())
 # Every worker writes its shards (one group's copy); Keras' file is published once.
 tf_zero.Checkpoint(model=model, optimizer=model.optimizer).write(
     os.path.join({out!r}, "ckpt", "hybrid"))
@@ -139,9 +142,11 @@ print("trained", os.environ["SLURM_PROCID"], flush=True)
 """
 
 
-def _slurm_job(tmp_path, stage, settings=""):
+def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=False):
     """Runs SLURM_WORKER as 2 tasks of a SLURM step (ZeroStrategy keywords
-    `settings` added); returns each worker's weights after training."""
+    `settings` added, `prelude` run before the strategy is made, `data` the
+    arguments of `slurm_data`); returns each worker's weights after training
+    (with `with_state`, also each worker's (iterations, loss scale))."""
     import os
     import signal
     import subprocess
@@ -156,7 +161,8 @@ def _slurm_job(tmp_path, stage, settings=""):
             break
     script = tmp_path / "worker.py"
     script.write_text(SLURM_WORKER.format(support=os.path.join(os.path.dirname(__file__), "support"),
-                                         out=str(tmp_path), stage=stage, settings=settings))
+                                         out=str(tmp_path), stage=stage, settings=settings,
+                                         prelude=prelude, data=data))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update(PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]),
                SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost",
@@ -178,7 +184,10 @@ def _slurm_job(tmp_path, stage, settings=""):
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     workers = [np.load(tmp_path / f"worker{r}.npz") for r in (0, 1)]
-    return [[w[f"arr_{i}"] for i in range(len(w.files))] for w in workers]
+    weights = [[w[f"arr_{i}"] for i in range(len(w.files) - 2)] for w in workers]
+    if with_state:
+        return weights, [(int(w["iterations"]), float(w["scale"])) for w in workers]
+    return weights
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -250,6 +259,35 @@ def test_a_slurm_step_trains_with_quantized_collectives_as_one_process(tmp_path)
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, ref, atol=1e-6)
     assert max_weight_diff(workers[0], full.get_weights()) > 1e-5  # it did quantize
+
+
+def test_a_slurm_step_at_stage1_under_mixed_float16_skips_one_workers_overflow_everywhere(
+        tmp_path, policy):
+    """Stage 1, a shard group per worker, mixed_float16 with AdamW and
+    global-norm clipping: one example of worker 1's part of the second
+    batch overflows float16. Both workers skip that step (in each of the
+    two epochs) and halve the loss scale, as one process with 4 replicas and full sharding does, and end
+    with its weights within 1e-6."""
+    from slurm_model import slurm_data, slurm_model
+
+    poison = "poison=21"  # batch 1, example 5: worker 1's quarter (examples 4-7)
+    workers, states = _slurm_job(
+        tmp_path, 1, prelude='keras.mixed_precision.set_global_policy("mixed_float16")',
+        data=poison, with_state=True)
+    policy("mixed_float16")
+    x, y = slurm_data(poison=21)
+    order = np.concatenate([np.r_[0:4, 8:12, 4:8, 12:16] + 16 * k for k in range(len(x) // 16)])
+    reference = slurm_model(zero_strategy(N, stage=1))
+    reference.fit(x[order], y[order], batch_size=16, epochs=2, shuffle=False, verbose=0)
+    steps = 2 * len(x) // 16
+    expected = (int(reference.optimizer.iterations.numpy()),
+                float(reference.optimizer.dynamic_scale.numpy()))
+    # The poisoned batch, once per epoch, was skipped and halved the scale.
+    assert expected == (steps - 2, reference.optimizer.initial_scale / 4), expected
+    assert states == [expected, expected]
+    for a, b, ref in zip(*workers, reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, ref, atol=1e-6)
 
 
 def test_memory_per_replica_is_the_group_share():

@@ -22,7 +22,12 @@ def slurm_model(strategy):
     return model
 
 
-def slurm_data():
+def slurm_data(poison=None):
+    """64 examples; with `poison`, example `poison`'s input is 1e5, which
+    overflows float16."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(64, 6)).astype("float32")
-    return x, (x @ rng.normal(size=(6, 1))).astype("float32")
+    y = (x @ rng.normal(size=(6, 1))).astype("float32")
+    if poison is not None:
+        x[poison] = 1e5
+    return x, y
