@@ -80,3 +80,60 @@ def test_slots_are_written_from_the_shards_and_read_back_by_pieces(tmp_path, mon
             np.testing.assert_array_equal(a, b)
 
     assert_plain_keras_restores(prefix, saved)
+
+
+@pytest.mark.parametrize("stage, writer", [(2, "tf_zero"), (3, "tf_zero"), (3, "tf")])
+def test_restored_shards_are_read_without_a_copy(tmp_path, stage, writer):
+    """A restore writes each shard whole where its slice covers it: a
+    partial write would leave the variable in TensorFlow's copy-on-read mode,
+    in which every read (each training step's gather, the publish) copies
+    the shard. After the restore, reading any replica's shard or slot
+    allocates nothing, as before it, and training goes on."""
+    import keras
+    from conftest import regression_data, zero_strategy
+
+    import tf_zero
+    from tf_zero import _private
+
+    strategy = zero_strategy(4, stage=stage, persistence_threshold=0)
+
+    def model():
+        with strategy.scope():
+            m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(256, activation="tanh"),
+                                  keras.layers.Dense(3)])
+            m.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+        return m
+
+    def components(m):
+        shards = m.optimizer.shards  # each bucket's shard and its slots
+        variables = list(shards.storage) + [s for slots in shards.slots for s in slots]
+        return [c for v in variables for c in _private.components(_private.tf_variable(v))
+                if c.shape.num_elements() >= 128]
+
+    def read_allocates(component):
+        read = tf.function(lambda: tf.reduce_sum(component.read_value()))
+        read()
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        read()
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+    x, y = regression_data(24)
+    saved = model()
+    saved.fit(x, y, batch_size=24, epochs=1, verbose=0)
+    checkpoint = tf_zero.Checkpoint if writer == "tf_zero" else tf.train.Checkpoint
+    prefix = checkpoint(model=saved, optimizer=saved.optimizer).write(str(tmp_path / "ckpt"))
+    restored = model()
+    restored.optimizer.build(restored.trainable_variables)
+    checkpoint(model=restored, optimizer=restored.optimizer).restore(prefix)
+    fresh = [read_allocates(c) for c in components(saved)]
+    comps = components(restored)
+    assert len(comps) == len(fresh) >= 12, len(comps)
+    copies = [read_allocates(c) for c in comps]
+    assert copies == fresh, (copies, [c.shape.num_elements() * 4 for c in comps])
+    for a, b in zip(restored.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    restored.fit(x, y, batch_size=24, epochs=1, verbose=0)
+    saved.fit(x, y, batch_size=24, epochs=1, verbose=0)
+    for a, b in zip(restored.get_weights(), saved.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)

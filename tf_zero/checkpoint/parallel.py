@@ -387,8 +387,9 @@ def _read_slices(save_path, entries) -> None:
     """Reads this worker's slices of `entries`, `CHUNK_BYTES` at a time."""
     wanted = [(key, obj, spec, dtype) for key, obj in entries
               for spec, _, dtype, _ in obj.local_slices(_max_elements(obj))]
-    for chunk in _chunks(wanted, lambda e: _slice_bytes(e[3], e[2], e[1].shape)):
-        _read_chunk(save_path, chunk)
+    with slices.assembling([obj.local_runs() for _, obj in entries]):
+        for chunk in _chunks(wanted, lambda e: _slice_bytes(e[3], e[2], e[1].shape)):
+            _read_chunk(save_path, chunk)
     for _, obj in entries:
         finished = getattr(obj, "slices_restored", None)
         if finished is not None:

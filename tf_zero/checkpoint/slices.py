@@ -20,6 +20,8 @@ import threading
 
 import tensorflow as tf
 
+from tf_zero import _private
+
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
@@ -189,13 +191,99 @@ def write_slices(runs, shape, restored: dict) -> None:
             write_run(comp, offset + first - start, value)
 
 
-def write_run(component, offset, value) -> None:
-    """Writes `value`, flattened, into `component[offset:]` in place.
+class _Assembly:
+    """Components a restore writes in several parts, assembled on the host.
 
-    (`component[a:b].assign(...)` reads the variable first, and the read keeps
-    its buffer shared: TensorFlow then copies the whole variable to write.)
+    Each is copied to a NumPy buffer at its first part, the parts written
+    into it, and once every element the restore writes has arrived, the
+    buffer replaces the component's value whole (`write_run` says why). A
+    restore writes the pieces variable by variable, so the components being
+    assembled at a time are those of a bucket or two: about a chunk.
+    """
+
+    def __init__(self, runs_lists):
+        self.remaining = {}
+        for runs in runs_lists:
+            for comp, _, size, _ in runs:
+                self.remaining[id(comp)] = self.remaining.get(id(comp), 0) + size
+        self.buffers = {}  # id -> (component, NumPy buffer, [(offset, size)])
+
+    def takes(self, component) -> bool:
+        return id(component) in self.remaining
+
+    def write(self, component, offset, value) -> None:
+        key = id(component)
+        if key not in self.buffers:
+            self.buffers[key] = (component, component.numpy().reshape([-1]), [])
+        _, buffer, written = self.buffers[key]
+        size = int(value.shape[0])
+        buffer[offset:offset + size] = tf.cast(value, component.dtype).numpy()
+        written.append((offset, size))
+        self.remaining[key] -= size
+        if self.remaining[key] == 0:
+            del self.buffers[key]
+            _private.replace_buffer(component, lambda: _allocated_copy(buffer, component))
+
+    def finish(self) -> None:
+        """Writes what arrived of components the restore left incomplete, in place."""
+        buffers, self.buffers = self.buffers, {}
+        for component, buffer, written in buffers.values():
+            for offset, size in written:
+                _write_in_place(component, offset, tf.constant(buffer[offset:offset + size]))
+
+
+def _allocated_copy(buffer, component) -> tf.Tensor:
+    """NumPy `buffer` as a tensor of `component`'s shape on its device, in
+    TensorFlow's allocator (which the released buffer went back to)."""
+    aligned = _private.host_copy(buffer, buffer.size)  # DeepCopy needs the alignment
+    with tf.device(component.device):
+        return tf.raw_ops.DeepCopy(x=tf.reshape(aligned, component.shape))
+
+
+@contextlib.contextmanager
+def assembling(runs_lists):
+    """While a restore writes `runs_lists` (each object's `local_runs()`):
+    components written in parts are assembled and written whole."""
+    previous = getattr(_state, "assembly", None)
+    _state.assembly = assembly = _Assembly(runs_lists)
+    try:
+        yield
+        assembly.finish()
+    finally:
+        _state.assembly = previous
+
+
+def write_run(component, offset, value) -> None:
+    """Writes `value`, flattened, into `component[offset:]`.
+
+    A value that is the whole component replaces its buffer (released
+    first, then a copy of the value adopted): a partial write
+    (`ResourceStridedSliceAssign`) would switch the variable to
+    TensorFlow's copy-on-read mode for good, in which every later read,
+    each training step's, copies it. Inside `assembling` a part joins the
+    component's assembly; elsewhere it is written in place.
+    (`component[a:b].assign(...)` reads the variable first, and the read
+    keeps its buffer shared: TensorFlow then copies the whole variable to
+    write.)
     """
     value = tf.reshape(value, [-1])
+    if offset == 0 and value.shape[0] == tf.TensorShape(component.shape).num_elements():
+        def own_copy():
+            with tf.device(component.device):
+                whole = tf.reshape(value, component.shape)
+                if whole.dtype != component.dtype:
+                    return tf.cast(whole, component.dtype)
+                return tf.raw_ops.DeepCopy(x=whole)  # not a view of a larger restored tensor
+        _private.replace_buffer(component, own_copy)
+        return
+    assembly = getattr(_state, "assembly", None)
+    if assembly is not None and assembly.takes(component):
+        assembly.write(component, offset, value)
+        return
+    _write_in_place(component, offset, value)
+
+
+def _write_in_place(component, offset, value) -> None:
     with tf.device(component.device):
         tf.raw_ops.ResourceStridedSliceAssign(
             ref=component.handle, begin=[offset], end=[offset + int(value.shape[0])],
