@@ -41,9 +41,11 @@ TEST_TOOLS="pytest>=8 scikit-learn>=1.3"
 # the whole-variable partition against MirroredStrategy at 4 replicas and its overflow
 # agreement; accumulation against one large batch; an overflow on one replica (also under
 # hybrid sharding); 2 workers as a SLURM step with hybrid sharding at stage 3, their
-# tf_zero.Checkpoint and .weights.h5 file restored in one process.
+# tf_zero.Checkpoint and .weights.h5 file restored in one process; restored shards read
+# without a copy (TensorFlow's copy-on-read mode avoided).
 DEFAULT_TESTS="tests/test_private_api.py;tests/test_optimizer_golden.py;\
 tests/test_optimizer_custom_loop.py -k tutorial_loop;tests/test_checkpoint_release.py;\
+tests/test_checkpoint_slices.py -k without_a_copy;\
 tests/test_fault_backup.py;\
 tests/test_whole_partition.py -k '(match_mirrored and 4) or overflow';\
 tests/test_step_accumulation.py -k 'micro_steps and 4-2';\
