@@ -82,13 +82,15 @@ def test_slots_are_written_from_the_shards_and_read_back_by_pieces(tmp_path, mon
     assert_plain_keras_restores(prefix, saved)
 
 
-@pytest.mark.parametrize("stage, writer", [(2, "tf_zero"), (3, "tf_zero"), (3, "tf")])
+@pytest.mark.parametrize("stage, writer", [(2, "tf_zero"), (3, "tf_zero"), (3, "tf"),
+                                           (2, "keras")])
 def test_restored_shards_are_read_without_a_copy(tmp_path, stage, writer):
     """A restore writes each shard whole where its slice covers it: a
     partial write would leave the variable in TensorFlow's copy-on-read mode,
     in which every read (each training step's gather, the publish) copies
-    the shard. After the restore, reading any replica's shard or slot
-    allocates nothing, as before it, and training goes on."""
+    the shard. After a restore (`tf_zero.Checkpoint`, `tf.train.Checkpoint`
+    at stage 3, a Keras `.weights.h5` file), reading any replica's shard or
+    slot allocates nothing, as before it, and training goes on."""
     import keras
     from conftest import regression_data, zero_strategy
 
@@ -121,11 +123,15 @@ def test_restored_shards_are_read_without_a_copy(tmp_path, stage, writer):
     x, y = regression_data(24)
     saved = model()
     saved.fit(x, y, batch_size=24, epochs=1, verbose=0)
-    checkpoint = tf_zero.Checkpoint if writer == "tf_zero" else tf.train.Checkpoint
-    prefix = checkpoint(model=saved, optimizer=saved.optimizer).write(str(tmp_path / "ckpt"))
     restored = model()
     restored.optimizer.build(restored.trainable_variables)
-    checkpoint(model=restored, optimizer=restored.optimizer).restore(prefix)
+    if writer == "keras":  # a .weights.h5 file, as Keras' BackupAndRestore and ModelCheckpoint
+        saved.save_weights(str(tmp_path / "model.weights.h5"))
+        restored.load_weights(str(tmp_path / "model.weights.h5"))
+    else:
+        checkpoint = tf_zero.Checkpoint if writer == "tf_zero" else tf.train.Checkpoint
+        prefix = checkpoint(model=saved, optimizer=saved.optimizer).write(str(tmp_path / "ckpt"))
+        checkpoint(model=restored, optimizer=restored.optimizer).restore(prefix)
     fresh = [read_allocates(c) for c in components(saved)]
     comps = components(restored)
     assert len(comps) == len(fresh) >= 12, len(comps)

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
-from tf_zero.checkpoint import faces
+from tf_zero.checkpoint import faces, slices
 from tf_zero.checkpoint.faces import OwnedSlot, RunSlot, UnshardedSlot
 from tf_zero.state.owners import plain_order
 
@@ -158,8 +158,12 @@ def _load_values(items, values, optimizer_name, inner_name) -> None:
                 f"Saved optimizer variable {i} has shape {tuple(value.shape)} "
                 f"but {item.name} has shape {tuple(item.shape)}: the "
                 "checkpoint comes from a different model or optimizer.")
-    for i, item in enumerate(items):
-        item.assign(values[str(i)])
+    # Slots of a bucket of several variables arrive in parts: assembled,
+    # each replica's shard is written whole (`slices.write_run`).
+    with slices.assembling([item.local_runs() for item in items
+                            if hasattr(item, "local_runs")]):
+        for i, item in enumerate(items):
+            item.assign(values[str(i)])
 
 
 class CheckpointFace:
