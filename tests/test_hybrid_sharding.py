@@ -142,7 +142,49 @@ print("trained", os.environ["SLURM_PROCID"], flush=True)
 """
 
 
-def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=False):
+SLURM_RESUMING_WORKER = """\
+import os, sys
+import numpy as np
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import tf_zero
+strategy = tf_zero.ZeroStrategy(stage={stage}, shard_group_size="worker", startup_timeout=120,
+                                persistence_threshold=0)
+sys.path.insert(0, {support!r})
+from slurm_model import slurm_data, slurm_model
+x, y = slurm_data()
+data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+backup_dir = os.path.join({out!r}, "backup")
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 5:
+            raise RuntimeError("interrupted at step 5")
+
+
+model = slurm_model(strategy)
+try:
+    model.fit(data, epochs=2, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq=3), Interrupt()])
+    raise AssertionError("not interrupted")
+except RuntimeError as error:
+    assert "step 5" in str(error), error
+# A fresh model resumes from the backup of step 3 and trains to the end.
+model = slurm_model(strategy)
+model.fit(data, epochs=2, verbose=0,
+          callbacks=[keras.callbacks.BackupAndRestore(backup_dir, save_freq=3)])
+np.savez(os.path.join({out!r}, "worker%s.npz" % os.environ["SLURM_PROCID"]),
+         *model.get_weights(), iterations=model.optimizer.iterations.numpy(), scale=np.nan)
+model.save(os.path.join({out!r}, "hybrid.keras"))
+print("trained", os.environ["SLURM_PROCID"], flush=True)
+"""
+
+
+def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=False,
+               template=SLURM_WORKER):
     """Runs SLURM_WORKER as 2 tasks of a SLURM step (ZeroStrategy keywords
     `settings` added, `prelude` run before the strategy is made, `data` the
     arguments of `slurm_data`); returns each worker's weights after training
@@ -160,7 +202,7 @@ def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=Fal
         if not busy_ports([base, base + 1]):
             break
     script = tmp_path / "worker.py"
-    script.write_text(SLURM_WORKER.format(support=os.path.join(os.path.dirname(__file__), "support"),
+    script.write_text(template.format(support=os.path.join(os.path.dirname(__file__), "support"),
                                          out=str(tmp_path), stage=stage, settings=settings,
                                          prelude=prelude, data=data))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
@@ -288,6 +330,35 @@ def test_a_slurm_step_at_stage1_under_mixed_float16_skips_one_workers_overflow_e
     for a, b, ref in zip(*workers, reference.get_weights()):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_slurm_step_resumes_from_keras_backup_and_saves_a_keras_file(tmp_path, stage):
+    """Keras' own BackupAndRestore(save_freq=3) across 2 workers under hybrid
+    sharding: the fit is interrupted at step 5, a fresh model resumes from
+    the backup of step 3 and ends as one process with full sharding that was
+    never interrupted (within 1e-6), iterations included; the `.keras` file
+    the 2 workers save loads in one process with the same weights and its
+    optimizer state, and trains on as the reference does."""
+    from slurm_model import slurm_data, slurm_model
+
+    workers, states = _slurm_job(tmp_path, stage, with_state=True,
+                                 template=SLURM_RESUMING_WORKER)
+    x, y = slurm_data()
+    reference = slurm_model(zero_strategy(N, stage=stage, persistence_threshold=0))
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert [s[0] for s in states] == [2 * len(x) // 16] * 2
+    for a, b, ref in zip(*workers, reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, ref, atol=1e-6)
+    loaded = keras.models.load_model(str(tmp_path / "hybrid.keras"))
+    for got, want in zip(loaded.get_weights(), workers[0]):
+        np.testing.assert_array_equal(got, want)
+    assert int(loaded.optimizer.iterations.numpy()) == 2 * len(x) // 16
+    for model in (loaded, reference):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(loaded.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_memory_per_replica_is_the_group_share():
