@@ -188,12 +188,12 @@ class ShardedStorage(ShardedWeightFace):
         """Writes a full value into this worker's shards (cross-replica context).
 
         Each replica's shard is written from its own slice of `value`, one
-        slice at a time, into the shard's own buffer, and only the last is
-        padded: beside `value` the host holds one 1/N slice (and its copy on
-        the way to the replica's device), never a padded or per-replica full
-        copy. A NumPy `value` (a weight read from a file: `load_weights`,
-        `from_preset`) is written with no host memory beside it: each shard's
-        old buffer is released before its slice is copied in.
+        slice at a time, never from a padded or per-replica full copy. An
+        eager or NumPy `value` (a weight read from a file: `load_weights`,
+        `from_preset`) is viewed as a flat array, and each shard's old buffer
+        is released before its slice is copied in, so the host holds nothing
+        beside `value` and the shards (`_write_from_host`). In a graph each
+        shard is assigned its padded slice.
         """
         if in_replica_context_of(self._strategy):
             raise ValueError(
