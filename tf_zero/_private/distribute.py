@@ -10,6 +10,7 @@ import logging
 import threading
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.data.ops import multi_device_iterator_ops as _multi_device_iterator_ops
 from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
@@ -297,8 +298,6 @@ def host_copy(piece, size: int) -> tf.Tensor:
     assignment then copies it to the device and frees it. Dtypes DLPack does
     not carry (bfloat16) are converted instead.
     """
-    import numpy as np
-
     piece = np.asarray(piece).reshape([-1])
     align = 64
     raw = np.empty(size * piece.itemsize + align, np.uint8)

@@ -231,8 +231,7 @@ class ShardedStorage(ShardedWeightFace):
         released first, then its slice of the value is copied once into a
         buffer of the shard's size (`_private.host_copy`), which the
         variable adopts (`_private.replace_buffer`)."""
-        start = min(index * self.shard_size, self.size)
-        stop = min(start + self.shard_size, self.size)
+        start, stop = self._shard_range(index)
         piece = np.asarray(flat[start:stop], dtype=self._dtype.as_numpy_dtype)
         try:
             _private.replace_buffer(comp, lambda: _private.host_copy(piece, self.shard_size))
@@ -241,15 +240,16 @@ class ShardedStorage(ShardedWeightFace):
                 f"Writing {self._name} into its shards failed, and replica shard {index} has "
                 "lost its value; load the weights again.") from error
 
-    def _shard_of(self, flat, index) -> tf.Tensor:
-        """Shard `index` of the flat full value, zero-padded at the end."""
+    def _shard_range(self, index) -> tuple[int, int]:
+        """[start, stop) of shard `index` in the flat full value (unpadded)."""
         start = min(index * self.shard_size, self.size)
-        stop = min(start + self.shard_size, self.size)
+        return start, min(start + self.shard_size, self.size)
+
+    def _shard_of(self, flat, index) -> tf.Tensor:
+        """Shard `index` of the flat full value (a tensor), zero-padded at the end."""
+        start, stop = self._shard_range(index)
         with tf.device("/cpu:0"):
-            piece = flat[start:stop]
-            if isinstance(piece, np.ndarray):
-                piece = np.asarray(piece, dtype=self._dtype.as_numpy_dtype)
-            piece = tf.convert_to_tensor(piece, dtype=self._dtype)
+            piece = tf.cast(flat[start:stop], self._dtype)
             return collectives.pad(piece, self.shard_size)
 
     def _assigned(self, value) -> None:
