@@ -113,12 +113,18 @@ def test_restored_shards_are_read_without_a_copy(tmp_path, stage, writer):
                 if c.shape.num_elements() >= 128]
 
     def read_allocates(component):
+        """Bytes a read of `component` allocates (the least of 3 reads: the
+        process's other threads, a dataset iterator's release, share the
+        allocator)."""
         read = tf.function(lambda: tf.reduce_sum(component.read_value()))
         read()
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        read()
-        return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+        peaks = []
+        for _ in range(3):
+            before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            read()
+            peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
+        return min(peaks)
 
     x, y = regression_data(24)
     saved = model()
@@ -135,8 +141,11 @@ def test_restored_shards_are_read_without_a_copy(tmp_path, stage, writer):
     fresh = [read_allocates(c) for c in components(saved)]
     comps = components(restored)
     assert len(comps) == len(fresh) >= 12, len(comps)
+    sizes = [c.shape.num_elements() * c.dtype.size for c in comps]
+    assert all(f < size for f, size in zip(fresh, sizes)), (fresh, sizes)
+    # A copy-on-read variable allocates its whole size at every read.
     copies = [read_allocates(c) for c in comps]
-    assert copies == fresh, (copies, [c.shape.num_elements() * 4 for c in comps])
+    assert all(c < size for c, size in zip(copies, sizes)), (copies, sizes)
     for a, b in zip(restored.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
     restored.fit(x, y, batch_size=24, epochs=1, verbose=0)
