@@ -27,6 +27,8 @@ def _fit(model):
 
 ADAM = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
 ADAMW_CLIPPED = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05, global_clipnorm=0.1)  # noqa: E731
+LAMB_CLIPPED = lambda: keras.optimizers.Lamb(0.01, global_clipnorm=0.1)  # noqa: E731
+MUON = lambda: keras.optimizers.Muon(0.01, adam_lr_ratio=0.5)  # noqa: E731
 
 
 @pytest.mark.parametrize("stage, k, make, steps", [
@@ -62,6 +64,43 @@ def test_hybrid_trains_as_full_sharding(stage, k, make, steps):
     assert_replicas_identical(hybrid)
 
 
+@pytest.mark.parametrize("stage, make, steps", [
+    pytest.param(2, LAMB_CLIPPED, 1, id="stage2-lamb-clipped"),
+    pytest.param(1, LAMB_CLIPPED, 2, id="stage1-lamb-clipped-accumulation"),
+    pytest.param(2, MUON, 1, id="stage2-muon-split-vectors"),
+])
+def test_hybrid_whole_variable_partition_trains_as_full_sharding(stage, make, steps):
+    """The whole-variable partition under hybrid sharding (K = 2 of 4):
+    each variable is owned whole by one replica of each group (Muon's
+    vectors poured in runs over the group), its gradient reduce-scattered
+    inside the group and all-reduced across; the weights match full
+    sharding over 4 replicas within 1e-6, every replica holds the same
+    weights, and both groups hold the same state, each half of it."""
+    hybrid = _compiled(zero_strategy(N, stage=stage, shard_group_size=2), make, steps)
+    full = _compiled(zero_strategy(N, stage=stage), make, steps)
+    _fit(hybrid)
+    _fit(full)
+    assert max_weight_diff(hybrid.get_weights(), full.get_weights()) < 1e-6
+    assert_replicas_identical(hybrid)
+    shards = hybrid.optimizer.shards
+    plan = shards.plan
+    assert plan.partition == tf_zero.Partition.WHOLE and plan.num_shards == 2
+    owners = shards.owners
+    assert sorted(owners) == [0, 1, 2, 3]
+    for rank in (0, 1):  # replica r and r + 2 own the same variables, with equal state
+        mine, twin = owners[rank], owners[rank + 2]
+        assert sorted(mine.views) == sorted(twin.views)
+        assert sorted(mine.runs) == sorted(twin.runs)
+        for i in mine.views:
+            for a, b in zip(mine.slots(i), twin.slots(i)):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert sorted(set(owners[0].views) | set(owners[1].views)) == sorted(
+        i for i in range(len(shards.variables)) if not plan.is_split(i))
+    report = tf_zero.memory_report(hybrid.optimizer).replicas
+    full_report = tf_zero.memory_report(full.optimizer).replicas
+    assert sum(r.slots for r in report) == 2 * sum(r.slots for r in full_report)
+
+
 def test_hybrid_refusals_name_the_fix():
     with pytest.raises(ValueError, match="must divide the 4 replicas"):
         tf_zero.ZeroStrategy([f"/cpu:{i}" for i in range(N)], shard_group_size=3)
@@ -70,22 +109,27 @@ def test_hybrid_refusals_name_the_fix():
     # One worker: its devices are every replica (full sharding, named as such).
     assert tf_zero.ZeroStrategy([f"/cpu:{i}" for i in range(N)], shard_group_size="worker"
                                 ).zero_config.shard_group_size == N
-    strategy = zero_strategy(N, stage=2, shard_group_size=2)
+    strategy = zero_strategy(N, stage=2, shard_group_size=2, quantized_gradients="int8")
     with strategy.scope():
         model = mlp()
         model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.Lamb(0.01)), loss="mse")
-    with pytest.raises(ValueError, match="element partition"):
+    with pytest.raises(ValueError, match="quantized_gradients=None"):
         _fit(model)
 
 
-@pytest.mark.parametrize("writer, stage", [("tf.train.Checkpoint", 2), ("tf_zero.Checkpoint", 2),
-                                           ("tf_zero.Checkpoint", 3)])
+@pytest.mark.parametrize("writer, stage, make", [
+    ("tf.train.Checkpoint", 2, ADAM), ("tf_zero.Checkpoint", 2, ADAM),
+    ("tf_zero.Checkpoint", 3, ADAM), ("tf.train.Checkpoint", 2, LAMB_CLIPPED),
+    ("tf_zero.Checkpoint", 1, LAMB_CLIPPED)])
 def test_hybrid_checkpoint_restores_into_full_sharding_and_into_every_group(
-        tmp_path, writer, stage):
+        tmp_path, writer, stage, make):
     """One group's pieces are saved (the others hold the same); restored
-    into full sharding, or into both groups of a fresh hybrid run, the next
-    epoch continues as the uninterrupted hybrid run. At stage 3 the weights
-    themselves are 1/K shards."""
+    into full sharding, into both groups of a fresh hybrid run, or into
+    hybrid sharding at another replica count (2 groups of 1), the next epoch
+    continues as the uninterrupted hybrid run; so does a checkpoint of full
+    sharding at 2 replicas restored into hybrid sharding at 4. At stage 3 the
+    weights themselves are 1/K shards; under Lamb each group's owner of a
+    variable holds its slots whole."""
     import tensorflow as tf
 
     checkpoint = tf.train.Checkpoint if writer == "tf.train.Checkpoint" else tf_zero.Checkpoint
@@ -99,16 +143,24 @@ def test_hybrid_checkpoint_restores_into_full_sharding_and_into_every_group(
                   verbose=0)
         return model
 
-    reference = epochs(_compiled(hybrid, ADAM), 0, 2)
-    saved = epochs(_compiled(hybrid, ADAM), 0, 1)
-    prefix = checkpoint(model=saved, optimizer=saved.optimizer).write(
-        str(tmp_path / "hybrid"))
-    for strategy in (zero_strategy(N, stage=stage, **sharded), hybrid):
-        resumed = _compiled(strategy, ADAM)
+    def save(strategy, name):
+        model = epochs(_compiled(strategy, make), 0, 1)
+        return checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / name))
+
+    reference = epochs(_compiled(hybrid, make), 0, 2)
+    from_hybrid = save(hybrid, "hybrid")
+    from_full = save(zero_strategy(2, stage=stage, **sharded), "full")
+    for prefix, strategy in (
+            (from_hybrid, zero_strategy(N, stage=stage, **sharded)),
+            (from_hybrid, hybrid),
+            (from_hybrid, zero_strategy(2, stage=stage, shard_group_size=1, **sharded)),
+            (from_full, hybrid)):
+        resumed = _compiled(strategy, make)
         resumed.optimizer.build(resumed.trainable_variables)
         checkpoint(model=resumed, optimizer=resumed.optimizer).restore(prefix)
         epochs(resumed, 1, 2)
-        assert max_weight_diff(resumed.get_weights(), reference.get_weights()) < 1e-6
+        assert max_weight_diff(resumed.get_weights(), reference.get_weights()) < 1e-6, (
+            prefix, strategy.num_replicas_in_sync, strategy.zero_config.shard_group_size)
         assert_replicas_identical(resumed)
 
 
@@ -127,7 +179,7 @@ assert strategy.zero_config.shard_group_size == 2
 assert strategy.num_replicas_in_sync == 4, strategy.num_replicas_in_sync
 sys.path.insert(0, {support!r})
 from slurm_model import slurm_data, slurm_model
-model = slurm_model(strategy)
+model = slurm_model(strategy, {optimizer!r})
 x, y = slurm_data({data})
 model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=2, verbose=0)
 scale = getattr(model.optimizer, "dynamic_scale", None)
@@ -184,10 +236,10 @@ print("trained", os.environ["SLURM_PROCID"], flush=True)
 
 
 def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=False,
-               template=SLURM_WORKER):
+               template=SLURM_WORKER, optimizer="adamw"):
     """Runs SLURM_WORKER as 2 tasks of a SLURM step (ZeroStrategy keywords
     `settings` added, `prelude` run before the strategy is made, `data` the
-    arguments of `slurm_data`); returns each worker's weights after training
+    arguments of `slurm_data`, `optimizer` that of `slurm_model`); returns each worker's weights after training
     (with `with_state`, also each worker's (iterations, loss scale))."""
     import os
     import signal
@@ -204,7 +256,7 @@ def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=Fal
     script = tmp_path / "worker.py"
     script.write_text(template.format(support=os.path.join(os.path.dirname(__file__), "support"),
                                          out=str(tmp_path), stage=stage, settings=settings,
-                                         prelude=prelude, data=data))
+                                         prelude=prelude, data=data, optimizer=optimizer))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update(PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]),
                SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost",
@@ -232,19 +284,20 @@ def _slurm_job(tmp_path, stage, settings="", prelude="", data="", with_state=Fal
     return weights
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage):
+@pytest.mark.parametrize("stage, optimizer", [(2, "adamw"), (3, "adamw"), (2, "lamb")])
+def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage, optimizer):
     """`srun -n 2` on one node, as SLURM sets the environment (no TF_CONFIG,
     no GPU, no scontrol): ZeroStrategy finds the cluster itself, and hybrid
     sharding (a shard group per worker: the all-reduce of gradient shards is
     the only state traffic across workers; at stage 3 every weight a 1/2
-    shard gathered inside the worker) reaches one process's full sharding
-    over 4 replicas within 1e-6."""
+    shard gathered inside the worker; Lamb's variables each owned whole by
+    one replica of each worker) reaches one process's full sharding over 4
+    replicas within 1e-6; its checkpoints resume in one process."""
     from slurm_model import slurm_data, slurm_model
     from worker_procs import h5_arrays
 
-    workers = _slurm_job(tmp_path, stage)
-    reference = slurm_model(zero_strategy(N, stage=stage, persistence_threshold=0))
+    workers = _slurm_job(tmp_path, stage, optimizer=optimizer)
+    reference = slurm_model(zero_strategy(N, stage=stage, persistence_threshold=0), optimizer)
     x, y = slurm_data()
     reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     for a, b, ref in zip(*workers, reference.get_weights()):
@@ -259,7 +312,7 @@ def test_a_slurm_step_of_two_tasks_trains_hybrid_as_one_process(tmp_path, stage)
         np.testing.assert_allclose(saved[key], expected[key], atol=1e-6, err_msg=key)
     # The sharded checkpoint resumes in one process at another replica count (2)
     # and stage 2 with full sharding: one more epoch as the reference's.
-    resumed = slurm_model(zero_strategy(2, stage=2))
+    resumed = slurm_model(zero_strategy(2, stage=2), optimizer)
     resumed.optimizer.build(resumed.trainable_variables)
     tf_zero.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(
         str(tmp_path / "ckpt" / "hybrid"))  # checked both ways by tf_zero.Checkpoint

@@ -175,7 +175,7 @@ class ZeroConfig:
             off, a float32 layer policy, a regularizer) and weights below
             `persistence_threshold` elements stay float32 either way. Applies
             to weights created under `ZeroStrategy.scope()`.
-        shard_group_size: hybrid sharding (element partition): state (and
+        shard_group_size: hybrid sharding (either partition): state (and
             at stage 3 the weights) is sharded over groups of this many
             consecutive replicas and replicated across the groups; gradients
             are reduce-scattered inside the group, then each shard is

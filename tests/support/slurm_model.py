@@ -8,14 +8,18 @@ import numpy as np
 import tf_zero
 
 
-def slurm_model(strategy):
+def slurm_model(strategy, optimizer="adamw"):
     """A small regression model with fixed weights, compiled with AdamW whose
-    global norm clipping spans every replica of every worker."""
+    global norm clipping spans every replica of every worker, or with
+    `optimizer="lamb"` (whole variables, a trust ratio per variable)."""
     with strategy.scope():
         model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(9, activation="tanh"),
                                   keras.layers.Dense(1)])
-        model.compile(optimizer=tf_zero.ZeroOptimizer(keras.optimizers.AdamW(
-            0.01, weight_decay=0.05, global_clipnorm=0.1)), loss="mse")
+        if optimizer == "lamb":
+            inner = keras.optimizers.Lamb(0.01, global_clipnorm=0.1)
+        else:
+            inner = keras.optimizers.AdamW(0.01, weight_decay=0.05, global_clipnorm=0.1)
+        model.compile(optimizer=tf_zero.ZeroOptimizer(inner), loss="mse")
     rng = np.random.default_rng(0)
     model.set_weights([rng.normal(size=w.shape).astype("float32") * 0.3
                        for w in model.get_weights()])

@@ -277,34 +277,38 @@ class PlacedSlot(SlotFace):
 class OwnedSlot(PlacedSlot):
     """Checkpoint face of one slot of a variable owned whole by one replica.
 
-    The slot lives only on the owner (`tf_zero.state.owners`). On one worker,
-    saving reads it there. Across workers, saving is collective: each worker
-    gathers from all replicas a value that is the slot on its owner and
-    empty on every other replica. Restoring writes the slot where its owner
-    is local and does nothing on other workers. At another replica count the
-    owner changes, and the value lands on the new one.
+    The slot lives only on the owner (`tf_zero.state.owners`; under hybrid
+    sharding, on its owner in each shard group). On one worker, saving reads
+    it there (the first group's copy). Across workers, saving is collective:
+    each worker gathers from all replicas a value that is the slot on its
+    (first group's) owner and empty on every other replica. Restoring writes
+    the slot where an owner is local and does nothing on other workers. At
+    another replica count the owner changes, and the value lands on the new one.
     """
 
-    def _local_slot(self):
-        """The slot variable, or None where its owner is on another worker."""
-        owned = self._shards.owners.get(self._shards.plan.owner(self._index))
-        return None if owned is None else owned.slots(self._index)[self._position]
+    def _local_slots(self, writers_only=False) -> dict:
+        """{global rank: slot} on this worker's replicas that own the variable:
+        its owner, or under hybrid sharding its owner in every shard group
+        (`writers_only`: the first group's, whose copy is saved)."""
+        shards, owner = self._shards, self._shards.plan.owner(self._index)
+        return {rank: owned.slots(self._index)[self._position]
+                for rank, owned in sorted(shards.owners.items())
+                if shards.shard_rank(rank) == owner and not (writers_only and rank != owner)}
 
     def _parts(self) -> dict:
-        slot = self._local_slot()
-        return {} if slot is None else {self._shards.plan.owner(self._index): slot}
+        return self._local_slots(writers_only=True)
 
     def value(self) -> tf.Tensor:
         if _private.in_multi_worker_mode(self._shards.strategy):
             flat = self._gathered()
             with tf.device("/cpu:0"):
                 return tf.reshape(flat, self.shape)
+        (slot,) = self._local_slots(writers_only=True).values()
         with tf.device("/cpu:0"):
-            return tf.identity(self._local_slot().value)
+            return tf.identity(slot.value)
 
     def _write(self, value):
-        slot = self._local_slot()
-        if slot is not None:
+        for slot in self._local_slots().values():
             slot.assign(tf.cast(value, self.dtype))
 
 
@@ -317,14 +321,19 @@ class RunSlot(PlacedSlot):
     Scalar slots (the same on every run) are read from the first run.
     """
 
-    def _runs(self) -> dict:
-        """{rank: Run} of this worker's replicas, in rank order (= run order)."""
+    def _runs(self, writers_only=False) -> dict:
+        """{global rank: Run} of this worker's replicas, in rank order (= run
+        order). Under hybrid sharding every shard group holds each run:
+        `writers_only` keeps the first group's (one copy is saved)."""
+        shards = self._shards
         return {rank: owned.runs[self._index]
-                for rank, owned in sorted(self._shards.owners.items())
-                if self._index in owned.runs}
+                for rank, owned in sorted(shards.owners.items())
+                if self._index in owned.runs
+                and not (writers_only and shards.shard_rank(rank) != rank)}
 
     def _parts(self) -> dict:
-        return {rank: run.slots[self._position] for rank, run in self._runs().items()}
+        return {rank: run.slots[self._position]
+                for rank, run in self._runs(writers_only=True).items()}
 
     def value(self) -> tf.Tensor:
         if _private.in_multi_worker_mode(self._shards.strategy):

@@ -175,24 +175,6 @@ def check_created_before_the_step(variables) -> None:
             "a batch under strategy.scope()).")
 
 
-def check_hybrid(config, partition, variables):
-    """What hybrid sharding (`shard_group_size`) trains so far: the element
-    partition, at stages 1-3 (with 16-bit working copies too).
-
-    Raises:
-        ValueError: the whole-variable partition under `shard_group_size`; named.
-    """
-    from tf_zero.config import Partition
-
-    if config.shard_group_size is None:
-        return
-    if partition == Partition.WHOLE:
-        raise ValueError(
-            "shard_group_size (hybrid sharding) is implemented for the element partition; "
-            "this optimizer owns whole variables (Lamb, Adafactor, Muon, a MultiOptimizer). "
-            "Use full sharding (shard_group_size=None).")
-
-
 def check_quantization(config, partition, variables):
     """Where quantized collectives apply: gradients with the element
     partition; weights where float32 master shards are gathered (stage 3,

@@ -87,7 +87,6 @@ def build_state(inner, var_list, requested: dict, partition: Partition,
         optimizers = variable_optimizers(inner, variables)  # once: a map may create them
         admission.check_whole_partition(inner, config, variables, optimizers)
     admission.check_stage3(config, strategy, variables, all_optimizers(inner))
-    admission.check_hybrid(config, partition, variables)
     admission.check_quantization(config, partition, variables)
     shards = build_shards(inner, variables, strategy, config.bucket_size_bytes,
                           config.reduce_dtype, partition=partition, optimizers=optimizers,

@@ -112,7 +112,8 @@ class OwnedVariables:
     """One local replica's whole variables and their optimizers.
 
     Attributes:
-        rank: the replica's global rank.
+        rank: the replica's global rank (under hybrid sharding it owns what
+            shard `rank % K` owns).
         device: its device.
         views: variable index -> `keras.Variable` over the replica's copy.
         optimizers: variable index -> the optimizer that updates it.
@@ -134,11 +135,14 @@ class OwnedVariables:
         return self.slot_lists[index]
 
 
-def build_owned(templates, variables, plan, strategy, slot_specs) -> dict:
-    """{rank: OwnedVariables} for the replicas of this worker.
+def build_owned(templates, variables, plan, strategy, slot_specs,
+                shard_group_size=None) -> dict:
+    """{global rank: OwnedVariables} for the replicas of this worker.
 
     Runs in cross-replica context under `strategy.scope()`. Variables owned
-    by another worker's replicas get nothing here.
+    by another worker's replicas get nothing here. Under hybrid sharding
+    (`shard_group_size` K, a plan of K owners) replica `r` takes owner
+    `r % K`'s part: every shard group holds one copy of the state.
 
     Args:
         templates: per variable, the optimizer whose config and step counter
@@ -150,9 +154,10 @@ def build_owned(templates, variables, plan, strategy, slot_specs) -> dict:
     owned = {}
     for local, rank in enumerate(ranks):
         device = strategy.extended.worker_devices[local]
+        owner = rank % shard_group_size if shard_group_size else rank
         views, optimizers, slot_lists = {}, {}, {}
         for i, var in enumerate(variables):
-            if plan.is_split(i) or plan.owner(i) != rank:
+            if plan.is_split(i) or plan.owner(i) != owner:
                 continue
             component = _private.components(var)[local]
             views[i] = _private.keras_view(component, like=var)
@@ -166,7 +171,7 @@ def build_owned(templates, variables, plan, strategy, slot_specs) -> dict:
                     "tf_zero cannot checkpoint its whole-variable state. Train it "
                     "unwrapped.")
         owned[rank] = OwnedVariables(rank, device, views, optimizers, slot_lists,
-                                     build_runs(templates, variables, plan, rank, device))
+                                     build_runs(templates, variables, plan, owner, device))
     return owned
 
 

@@ -40,7 +40,8 @@ class Run:
 
 
 def build_runs(templates, variables, plan, rank, device) -> dict:
-    """{variable index: Run} for replica `rank`'s runs of split variables.
+    """{variable index: Run} for the runs of split variables that the plan
+    gives `rank` (a shard rank: the replica's, modulo K under hybrid sharding).
 
     Runs in cross-replica context under the strategy's scope.
     """

@@ -44,8 +44,9 @@ class Shards:
             16-bit working copy, cast before the all-gather.
         strategy: the strategy the state lives on.
         reduce_dtype: dtype of the reduce-scatter, or None (the bucket's).
-        owners: whole-variable partition only: {local rank:
-            `tf_zero.owners.OwnedVariables`}, for this worker's replicas.
+        owners: whole-variable partition only: {global rank:
+            `tf_zero.owners.OwnedVariables`}, for this worker's replicas
+            (under hybrid sharding, replica `r` owns what shard `r % K` owns).
         optimizers: whole-variable partition only: per variable, the
             optimizer whose math and settings update it (the inner
             optimizer, or the one a MultiOptimizer picks).
@@ -113,12 +114,17 @@ class Shards:
             return None
         return _private.sharded_storage(self.variables[bucket.segments[0].variable])
 
-    def read_weight_shard(self, bucket: Bucket, rank: int) -> tf.Tensor:
-        """Replica `rank`'s slice of a bucket, read from the model's weights
-        (a split variable's run: from the replica's updated copy of it)."""
+    def local_owned(self):
+        """This replica's `OwnedVariables` (whole partition; replica context)."""
+        return self.owners[collectives.rank()]
+
+    def read_weight_shard(self, bucket: Bucket, rank: int, runs=None) -> tf.Tensor:
+        """Shard `rank` of a bucket, read from the model's weights; a split
+        variable's run from `runs` (this replica's updated copies of its runs,
+        whole partition)."""
         parts = []
         pieces = bucket.shard_pieces(rank)
-        runs = self.owners[rank].runs if self.owners else {}
+        runs = runs or {}
         for p in pieces:
             if p.variable in runs:
                 run = runs[p.variable]
@@ -142,8 +148,8 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
     variable (default: `variable_optimizers`, which a MultiOptimizer's map may
     answer with new optimizers at every call).
 
-    With `shard_group_size` K (hybrid sharding, element partition), plans K
-    shards: the replicas of each group of K hold one copy of the state.
+    With `shard_group_size` K (hybrid sharding), plans K shards (or K
+    owners): the replicas of each group of K hold one copy of the state.
     `gradient_quantization` (a `BlockQuantization`, element partition): how
     the buckets' gradients travel.
 
@@ -166,8 +172,9 @@ def build_shards(inner, variables, strategy, bucket_size_bytes, reduce_dtype=Non
                            split=split_variables(inner, optimizers, variables))
         return Shards(plan=plan, variables=tuple(variables), storage=(), slots=(),
                       stored=frozenset(), strategy=strategy, reduce_dtype=reduce_dtype,
-                      owners=build_owned(optimizers, variables, plan, strategy, specs),
-                      optimizers=optimizers, slot_specs=specs)
+                      owners=build_owned(optimizers, variables, plan, strategy, specs,
+                                         shard_group_size),
+                      optimizers=optimizers, slot_specs=specs, groups=groups)
     stored = [_private.sharded_storage(v) is not None for v in variables]
     shapes = [tuple(v.shape) for v in variables]
     # A stage-3 weight is its bucket's storage; any variable at least a bucket

@@ -164,7 +164,7 @@ class WholeUpdate(_Update):
     def refresh(self, rank: int) -> None:
         """Copies each of this replica's runs of split variables from its copy
         of the model's weights (whole variables are updated in that copy)."""
-        for run in self.shards.owners[rank].runs.values():
+        for run in self.shards.local_owned().runs.values():
             local = _private.local_component(self.shards.variables[run.variable])
             run.weight.assign(
                 tf.reshape(local.read_value(), [-1])[run.start:run.start + run.size])
@@ -178,7 +178,7 @@ class WholeUpdate(_Update):
         counts the step, as each of a MultiOptimizer's optimizers does.
         """
         shards = self.shards
-        owned = shards.owners[rank]
+        owned = shards.local_owned()
         rates = {id(opt): opt.learning_rate for opt in distinct(shards.optimizers)}
         local = [(i, view, owned.optimizers[i]) for i, view in sorted(owned.views.items())]
         local += [(i, run.weight, run.optimizer) for i, run in sorted(owned.runs.items())]
@@ -198,13 +198,12 @@ class WholeUpdate(_Update):
                 wd = tf.cast(opt.weight_decay, weight.dtype)
                 weight.assign_sub(weight.value * wd * tf.cast(lr, weight.dtype))
             _private.update_step(optimizer, [tf.cast(grad, weight.dtype)], [weight], lr)
-        _update_averages(self._averages(rank))
+        _update_averages(self._averages(owned))
         for opt in distinct([self.inner, *shards.optimizers]):
             _private.local_component(opt.iterations).assign_add(1)
 
-    def _averages(self, rank) -> list:
-        shards = self.shards
-        owned, entries = shards.owners[rank], []
+    def _averages(self, owned) -> list:
+        shards, entries = self.shards, []
         for i, view in sorted(owned.views.items()):
             if shards.optimizers[i].use_ema:
                 entries.append((shards.optimizers[i], view, _average_slot(owned.slot_lists[i])))
@@ -214,11 +213,13 @@ class WholeUpdate(_Update):
         return entries
 
     def publish(self, missing) -> None:
-        """The owners updated their copies of the weights: all-gather those,
-        last bucket first."""
+        """The owners updated their copies of the weights: all-gather those
+        (inside the shard group under hybrid sharding), last bucket first."""
         shards = self.shards
-        rank = collectives.rank()
-        gathered = {b.index: collectives.all_gather(shards.read_weight_shard(b, rank))
+        rank = shards.shard_rank(collectives.rank())
+        runs = shards.local_owned().runs
+        gathered = {b.index: collectives.all_gather(shards.read_weight_shard(b, rank, runs),
+                                                    group=shards.shard_group)
                     for b in reversed(shards.plan.buckets)}
         self._publish_variables(gathered, missing)
 
