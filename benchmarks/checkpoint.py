@@ -21,7 +21,13 @@ worker's own shards plus one bucket, and slices written straight from the
 shards make it far smaller.
 
     python benchmarks/checkpoint.py [--params 50e6] [--replicas 1 2 4 8] [--stage 2]
-        [--writers tf tf_zero] [--plot checkpoint.png]
+        [--writers tf tf_zero] [--rounds 1] [--plot checkpoint.png]
+
+Writers: `tf` (tf.train.Checkpoint), `tf_zero` (tf_zero.Checkpoint, its
+default CRC32C integrity), `tf_zero_sha256` (`integrity="sha256"`), `keras`
+(model.save_weights). With `--rounds R` the writers run in turn R times
+(paired runs on the same machine state) and the medians of the wall times
+are printed, with each writer's median over `tf`'s.
 
 Run it with another tf_zero on PYTHONPATH (an older checkout, `--writers tf`)
 to compare with the path that assembled every slot.
@@ -115,10 +121,13 @@ def child(n, params, stage, directory, phase, writer):
     # of the training state.
     x, y = _common.make_data(16 * n)
     model.fit(x, y, batch_size=16 * n, epochs=1, verbose=0)
-    if writer == "tf_zero":
+    if writer.startswith("tf_zero"):
+        import functools
+
         import tf_zero
 
-        make = tf_zero.Checkpoint
+        make = functools.partial(tf_zero.Checkpoint, integrity=(
+            "sha256" if writer == "tf_zero_sha256" else "crc32c"))
     else:
         make = tf.train.Checkpoint
     h5 = prefix + ".weights.h5"
@@ -140,6 +149,29 @@ def child(n, params, stage, directory, phase, writer):
                       "file_mib": size / 2**20, "digest": _digest(values)}))
 
 
+LABELS = {"tf": "tf.train.Checkpoint", "tf_zero": "tf_zero.Checkpoint",
+          "tf_zero_sha256": 'tf_zero.Checkpoint(integrity="sha256")',
+          "keras": "model.save_weights"}
+
+
+def _print_medians(rows, writers, replicas):
+    """Median save and restore seconds per writer and N, and over tf.train.Checkpoint's."""
+    import statistics
+
+    for n in replicas:
+        median = {(w, name): statistics.median(r[name]["seconds"] for r in rows
+                                               if r["writer"] == w and r["n"] == n)
+                  for w in writers for name in ("save", "restore")}
+
+        def ratio(w, name):
+            return (f" (x{median[w, name] / median['tf', name]:.2f} of tf.train.Checkpoint's)"
+                    if "tf" in writers else "")
+
+        for w in writers:
+            print(f"median N={n} {LABELS[w]}: save {median[w, 'save']:.2f} s{ratio(w, 'save')}"
+                  f" | restore {median[w, 'restore']:.2f} s{ratio(w, 'restore')}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=50e6)
@@ -149,8 +181,11 @@ def main():
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--writers", nargs="+", default=["tf", "tf_zero"],
-                        choices=["tf", "tf_zero", "keras"],
-                        help="tf.train.Checkpoint, tf_zero.Checkpoint, Keras' .weights.h5")
+                        choices=["tf", "tf_zero", "tf_zero_sha256", "keras"],
+                        help="tf.train.Checkpoint, tf_zero.Checkpoint (CRC32C, or SHA-256), "
+                        "Keras' .weights.h5")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the writers in turn this many times; print median times")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -158,7 +193,8 @@ def main():
     print(f"Checkpoint of the {args.params:.3g}-parameter Adam MLP at stage {args.stage}; extra = "
           "peak during the call minus usage before it")
     rows = []
-    for writer, n in ((w, n) for w in args.writers for n in args.replicas):
+    runs = [(w, n) for _ in range(args.rounds) for n in args.replicas for w in args.writers]
+    for writer, n in runs:
         with tempfile.TemporaryDirectory() as directory:
             save, restore = (json.loads(_common.run_child(
                 [os.path.abspath(__file__), "--child", str(n), "--params", str(args.params),
@@ -171,14 +207,15 @@ def main():
         for name, m in (("save", save), ("restore", restore)):
             r[name] = {k: m[k] for k in ("seconds", "rss_extra_mib", "tf_extra_mib")}
         rows.append(r)
-        label = {"tf": "tf.train.Checkpoint", "tf_zero": "tf_zero.Checkpoint",
-                 "keras": "model.save_weights"}[writer]
+        label = LABELS[writer]
         print(f"{label} N={n}: state {state:.0f} MiB, file {r['file_mib']:.0f} MiB | " + " | ".join(
             f"{name} {r[name]['seconds']:.2f} s, extra RSS {r[name]['rss_extra_mib']:.0f} MiB "
             f"(x{r[name]['rss_extra_mib'] / state:.2f}), TensorFlow's allocator "
             f"{r[name]['tf_extra_mib']:.0f} MiB (x{r[name]['tf_extra_mib'] / state:.2f})"
             for name in ("save", "restore")) + f" | restored identical: {r['identical']}",
             flush=True)
+    if args.rounds > 1:
+        _print_medians(rows, args.writers, args.replicas)
     if args.plot:
         _common.line_plot(args.plot, {
             f"{writer} {name}": [(r["n"], r[name]["tf_extra_mib"] / r["state_mib"])

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     c.add_argument("--root", default="model",
                    help="the name the model was saved under: Checkpoint(model=...) (default)")
     k = sub.add_parser("check", help="check that every data file is present, complete and "
-                       "of this save")
+                       "of this save (every entry is read once: its checksum is checked)")
     k.add_argument("checkpoint", help="checkpoint prefix")
     d = sub.add_parser("clean", help="remove the staging directories and temporary files "
                        "that killed saves left in a checkpoint or backup directory (run it "
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
               f"{' (nothing removed)' if args.dry_run else ''}")
         return 0
     if args.command == "check":
-        check(args.checkpoint)
+        check(args.checkpoint, full=True)
         print(f"{args.checkpoint}: complete")
         return 0
     count = consolidate(args.checkpoint, args.output, load_model_factory(args.model), args.root)

@@ -4,24 +4,32 @@ every worker in parallel, a chunk at a time, and checked before a restore.
 Each worker writes its own slices into parts of a staging directory beside
 the target, at most `CHUNK_BYTES` per write; once every worker has reported
 success, the chief merges the parts with a manifest of the data files' sizes
-and hashes and publishes data files first, index last, by rename. A failure
-anywhere publishes nothing; a publish sweeps the staging directories and
-temporary files that killed saves left there. A restore first checks the
-files, and the model and optimizer against the checkpoint both ways, then
-each worker reads its own pieces, a chunk at a time. What it writes is an
-ordinary TensorFlow checkpoint. See docs/checkpoints.md.
+and publishes data files first, index last, by rename. A failure anywhere
+publishes nothing; a publish sweeps the staging directories and temporary
+files that killed saves left there. Integrity: TensorFlow's writer records a
+CRC32C of every entry as it writes it, and its reader checks the CRC32C of
+every entry it reads; a restore first checks the files (present, of their
+recorded size), the model and optimizer against the checkpoint both ways,
+and the checksums of what this worker will read, then each worker reads its
+own pieces, a chunk at a time. `integrity="sha256"` also records each data
+file's SHA-256 and checks it before a restore (as checkpoints of earlier
+versions do). What it writes is an ordinary TensorFlow checkpoint. See
+docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import os
+import re
 import shutil
 import uuid
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
@@ -35,6 +43,10 @@ from tf_zero.fault.coordination import (STAGING_TIMEOUT_MS, kv_get_or_raise, sha
 CHUNK_BYTES = DEFAULT_BUCKET_SIZE_BYTES
 """Most bytes of slices one write or read handles (one default bucket)."""
 MANIFEST_KEY = "_tf_zero/manifest"
+INTEGRITY = ("crc32c", "sha256")
+"""`Checkpoint(integrity=...)`: "crc32c" (default; TensorFlow's own checksum
+of every entry, computed as it is written, checked for what is read) or
+"sha256" (also a SHA-256 of every data file, checked before a restore)."""
 _saves = itertools.count()
 
 
@@ -72,13 +84,32 @@ class Checkpoint(tf.train.Checkpoint):
     that it restores everything, both ways (`check_objects`), and raises
     naming what is on one side only. Without sharded state it is otherwise
     `tf.train.Checkpoint`.
+
+    Args:
+        root, **kwargs: the objects to save, as for `tf.train.Checkpoint`.
+        integrity: "crc32c" (default): the data files' sizes are recorded,
+            and a restore checks, before it writes anything, the CRC32C
+            TensorFlow keeps of every entry this worker reads. "sha256": each
+            data file's SHA-256 is recorded too and checked before a restore
+            (every worker reads every data file). Restores check what the
+            checkpoint recorded, whatever this setting is.
+
+    Raises:
+        ValueError: another `integrity`.
     """
+
+    def __init__(self, root=None, *, integrity="crc32c", **kwargs):
+        if integrity not in INTEGRITY:
+            raise ValueError(f"integrity must be one of {INTEGRITY}, got {integrity!r}")
+        super().__init__(root, **kwargs)
+        self._tf_zero_integrity = integrity
 
     def _write(self, file_prefix, options=None):  # TensorFlow's hook of save and write
         strategy = strategy_of(self)
         if strategy is None:
             return _private.write_checkpoint(self, file_prefix, options)
-        return _write(self, strategy, os.fspath(file_prefix), options)
+        return _write(self, strategy, os.fspath(file_prefix), options,
+                      self._tf_zero_integrity == "sha256")
 
     # TensorFlow's `restore` calls `read` (after turning a SavedModel directory
     # into its variables' prefix): the checks and the slices are done here, once.
@@ -91,12 +122,27 @@ class Checkpoint(tf.train.Checkpoint):
             if tf.io.gfile.exists(save_path + ".index"):  # else TensorFlow's own error
                 check_objects(self, save_path)
             return super().read(save_path, options=options)
-        check(save_path)
-        check_objects(self, save_path)
-        entries = [(key, _sliced(obj))
-                   for key, obj in _private.matched_objects(self, save_path, _is_sliced)]
-        check(save_path, entries, files=False)
-        with slices.deferring():
+        error = None
+        try:
+            check(save_path)
+            with _named_data_loss(save_path):
+                check_objects(self, save_path)
+            entries = [(key, _sliced(obj))
+                       for key, obj in _private.matched_objects(self, save_path, _is_sliced)]
+            check(save_path, entries, files=False)
+            _verify(save_path, _own_slices(entries))
+        except Exception as e:  # noqa: BLE001  (raised after the agreement)
+            error = e
+        # Every worker restores or none: a worker's pieces may be damaged
+        # where another's are not.
+        if _private.in_multi_worker_mode(strategy) and not worker_agreement(
+                strategy, error is None, "nothing was restored here"):
+            raise error or ValueError(
+                f"Checkpoint {save_path} failed its checks on another worker (see its log); "
+                "nothing was restored. Restore a complete checkpoint.")
+        if error is not None:
+            raise error
+        with slices.deferring(), _named_data_loss(save_path):
             status = super().read(save_path, options=options)
         _read_slices(save_path, entries)
         return status
@@ -105,7 +151,7 @@ class Checkpoint(tf.train.Checkpoint):
 # -- writing --------------------------------------------------------------
 
 
-def _write(checkpoint, strategy, file_prefix, options):
+def _write(checkpoint, strategy, file_prefix, options, sha256=False):
     multi = _private.in_multi_worker_mode(strategy)
     chief = not multi or _private.is_chief(strategy)
     worker = _private.worker_index(strategy) if multi else 0
@@ -130,7 +176,8 @@ def _write(checkpoint, strategy, file_prefix, options):
                 # Gathered state (whole-partition slots) is read
                 # collectively: join the chief's reads, write nothing.
                 _private.serialize_only(checkpoint)
-        parts = _write_own_slices(checkpoint, os.path.join(staging, f"part-{worker:05d}"))
+        parts = _write_own_slices(checkpoint, os.path.join(staging, f"part-{worker:05d}"),
+                                  sha256)
         if multi:
             _private.kv_set(f"{key}/parts/{worker}", json.dumps(parts))
     except Exception as e:  # noqa: BLE001  (re-raised after the agreement)
@@ -145,7 +192,7 @@ def _write(checkpoint, strategy, file_prefix, options):
                 if multi:
                     parts = [p for w in range(_private.worker_count(strategy))
                              for p in json.loads(_kv_get(f"{key}/parts/{w}", "report its parts"))]
-                _merge_and_publish(staging, target, parts)
+                _merge_and_publish(staging, target, parts, sha256)
                 _private.run_write_callbacks(options, file_prefix)
         except Exception as e:  # noqa: BLE001
             error = error or e
@@ -190,8 +237,9 @@ def _slice_bytes(dtype, spec, shape):
     return slices.spec_size(spec, shape) * tf.as_dtype(dtype).size
 
 
-def _write_own_slices(checkpoint, prefix) -> list:
-    """Writes this worker's slices, a chunk per part; returns [(part, size, sha256)]."""
+def _write_own_slices(checkpoint, prefix, sha256=False) -> list:
+    """Writes this worker's slices, a chunk per part; returns [(part, size,
+    SHA-256 or None)]."""
     entries = [(key, _sliced(obj), *s)
                for key, obj in _private.sliced_objects(checkpoint, _is_sliced)
                for s in _sliced(obj).local_slices(_max_elements(_sliced(obj)))]
@@ -204,23 +252,27 @@ def _write_own_slices(checkpoint, prefix) -> list:
                               tensors=[e[3]() for e in chunk])
         parts.append(os.path.basename(part))
     return [(p, *_size_and_hash(os.path.join(os.path.dirname(prefix),
-                                             p + ".data-00000-of-00001")))
+                                             p + ".data-00000-of-00001"), sha256))
             for p in parts]
 
 
-def _size_and_hash(path):
-    return tf.io.gfile.stat(path).length, sha256_file(path, CHUNK_BYTES)
+def _size_and_hash(path, sha256=True):
+    """(size, SHA-256 or None) of a data file."""
+    return tf.io.gfile.stat(path).length, sha256_file(path, CHUNK_BYTES) if sha256 else None
 
 
-def _merge_and_publish(staging, target, parts):
+def _merge_and_publish(staging, target, parts, sha256=False):
     """Merges the graph part, the slice parts and a manifest into `target`."""
     graph = os.path.join(staging, "part-00000-graph")
-    files = [_size_and_hash(graph + ".data-00000-of-00001")] + [p[1:] for p in parts]
+    files = [_size_and_hash(graph + ".data-00000-of-00001", sha256)] + [p[1:] for p in parts]
+    records = [{"size": size, **({"sha256": digest} if digest else {})}
+               for size, digest in files]
     manifest = os.path.join(staging, "zzzzz-manifest")
     with tf.device("/cpu:0"):
         tf.raw_ops.SaveV2(prefix=manifest, tensor_names=[MANIFEST_KEY], shape_and_slices=[""],
                           tensors=[tf.constant(json.dumps(
-                              {"data_files": [{"size": s, "sha256": h} for s, h in files]}))])
+                              {"checksum": "sha256" if sha256 else "crc32c",
+                               "data_files": records}))])
     prefixes = [graph] + [os.path.join(staging, p[0]) for p in parts] + [manifest]
     merged = os.path.join(staging, "merged")
     tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=prefixes, destination_prefix=merged,
@@ -239,11 +291,14 @@ def _merge_and_publish(staging, target, parts):
 # -- reading --------------------------------------------------------------
 
 
-def check(save_path, entries=(), files=True) -> None:
+def check(save_path, entries=(), files=True, full=False) -> None:
     """Checks a checkpoint before anything is restored from it.
 
     Every data file must exist; where the checkpoint has a tf_zero manifest,
-    with the size and SHA-256 recorded at save (unless `files` is false).
+    with the size recorded at save, and the SHA-256 where one was recorded
+    (unless `files` is false). With `full`, every entry is read once, which
+    checks TensorFlow's CRC32C of each (what `python -m tf_zero.checkpoint
+    check` does; a restore checks only what its worker reads).
     Every sliced entry of `entries` ([(key, object)]) must be there with the
     object's shape and dtype.
 
@@ -267,13 +322,25 @@ def check(save_path, entries=(), files=True) -> None:
                 raise FileNotFoundError(
                     f"Checkpoint data file {path} is missing; the checkpoint cannot be "
                     "restored. Copy the whole checkpoint (every .data file and the .index).")
-            size, digest = _size_and_hash(path)
-            if size != recorded["size"] or digest != recorded["sha256"]:
+            size = tf.io.gfile.stat(path).length
+            if size != recorded["size"]:
                 raise ValueError(
                     f"Checkpoint data file {path} is not the one this checkpoint wrote "
-                    f"({size} bytes, SHA-256 {digest[:12]}..., recorded {recorded['size']} "
-                    f"bytes, {recorded['sha256'][:12]}...): it is truncated, damaged or from "
-                    "another save. Nothing was restored; restore a complete checkpoint.")
+                    f"({size} bytes, recorded {recorded['size']} bytes): it is truncated, "
+                    "damaged or from another save. Nothing was restored; restore a complete "
+                    "checkpoint.")
+            if "sha256" in recorded:
+                digest = sha256_file(path, CHUNK_BYTES)
+                if digest != recorded["sha256"]:
+                    raise ValueError(
+                        f"Checkpoint data file {path} is not the one this checkpoint wrote "
+                        f"(SHA-256 {digest[:12]}..., recorded {recorded['sha256'][:12]}...): "
+                        "it is damaged or from another save. Nothing was restored; restore a "
+                        "complete checkpoint.")
+    if full:
+        _verify(save_path, [(key, "", tf.as_dtype(dtypes[key]),
+                             int(np.prod(shapes[key], dtype=np.int64)))
+                            for key in sorted(shapes) if key != MANIFEST_KEY])
     for key, obj in entries:
         obj_shape = tuple(obj.shape)
         if key not in shapes:
@@ -367,20 +434,60 @@ def _manifest(reader, save_path) -> list:
     names the checkpoint and the manifest's file (the last data file)."""
     try:
         files = json.loads(reader.get_tensor(MANIFEST_KEY))["data_files"]
-        if not all(isinstance(f["size"], int) and isinstance(f["sha256"], str) for f in files):
-            raise ValueError("a data file's record has no integer size or string sha256")
+        if not all(isinstance(f["size"], int) and isinstance(f.get("sha256", ""), str)
+                   for f in files):
+            raise ValueError("a data file's record has no integer size")
         return files
     except (tf.errors.OpError, ValueError, KeyError, TypeError, IndexError) as e:
         data = sorted(tf.io.gfile.glob(f"{save_path}.data-*-of-*"))
         where = f" (in {data[-1]})" if data else ""
         raise ValueError(
             f"Checkpoint {save_path}: its manifest{where}, the record of its data files' "
-            f"sizes and SHA-256, cannot be read ({type(e).__name__}: {e}). The checkpoint is "
+            f"sizes, cannot be read ({type(e).__name__}: {e}). The checkpoint is "
             "damaged; nothing was restored. Restore a complete checkpoint.") from None
 
 
 def _max_elements(obj) -> int:
     return max(1, CHUNK_BYTES // obj.storage_dtype.size)
+
+
+def _own_slices(entries) -> list:
+    """(key, spec, dtype, elements) of every slice of `entries` this worker reads."""
+    return [(key, spec, dtype, slices.spec_size(spec, tuple(obj.shape)))
+            for key, obj in entries
+            for spec, _, dtype, _ in obj.local_slices(_max_elements(obj))]
+
+
+def _verify(save_path, wanted) -> None:
+    """Reads `wanted` ([(key, spec, dtype, elements)]) a chunk at a time and
+    drops it: TensorFlow's reader checks each entry's CRC32C as it reads.
+
+    Raises:
+        ValueError: a checksum differs, naming the data file.
+    """
+    for chunk in _chunks(wanted, lambda e: e[3] * tf.as_dtype(e[2]).size):
+        with tf.device("/cpu:0"), _named_data_loss(save_path):
+            tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
+                                 shape_and_slices=[e[1] for e in chunk],
+                                 dtypes=[e[2] for e in chunk])
+
+
+@contextlib.contextmanager
+def _named_data_loss(save_path):
+    """TensorFlow's checksum error, as one that names the data file."""
+    try:
+        yield
+    except tf.errors.OpError as e:  # DataLossError, or an OpError from the py reader
+        if not isinstance(e, tf.errors.DataLossError) and "Checksum does not match" not in str(e):
+            raise
+        shard = re.search(r"shard (\d+)", str(e))
+        files = sorted(tf.io.gfile.glob(f"{save_path}.data-*-of-*"))
+        path = (files[int(shard.group(1))] if shard and int(shard.group(1)) < len(files)
+                else f"{save_path}.data-*")
+        raise ValueError(
+            f"Checkpoint data file {path} is not the one this checkpoint wrote (a checksum "
+            f"of an entry differs: {e.message.strip()[:200]}): it is damaged or from "
+            "another save. Nothing was restored; restore a complete checkpoint.") from None
 
 
 def _read_slices(save_path, entries) -> None:
