@@ -149,11 +149,11 @@ class UnshardedSlot(SlotFace):
         return [(comp, piece.start, piece.size, piece.offset)
                 for comp, piece in self._local_pieces(writers_only)]
 
-    def local_slices(self, max_elements=None):
-        """(spec, read, dtype, device) of the slices of this worker's pieces,
-        each piece split into runs of at most `max_elements` first."""
-        return slices.local_slices(self.local_runs(writers_only=True), self.shape,
-                                   max_elements)
+    def local_slices(self, max_elements=None, writers_only=True):
+        """(spec, read, dtype, device) of the slices of this worker's pieces
+        (one copy of each by default: what a save writes), each piece split
+        into runs of at most `max_elements` first."""
+        return slices.local_slices(self.local_runs(writers_only), self.shape, max_elements)
 
     def restore_slices(self, restored: dict) -> None:
         """Writes restored slices ({spec: tensor}, or {"": full value}) into this
@@ -260,6 +260,50 @@ class PlacedSlot(SlotFace):
     def _parts(self) -> dict:
         raise NotImplementedError
 
+    def local_runs(self, writers_only=False) -> list:
+        """(component, first element, elements, 0) of each part of this slot
+        on this worker's replicas (`writers_only`: the first shard group's,
+        whose copy is saved)."""
+        raise NotImplementedError
+
+    @property
+    def strategy(self):
+        """The strategy the slot's parts live on."""
+        return self._shards.strategy
+
+    @property
+    def storage_dtype(self) -> tf.DType:
+        return self.dtype
+
+    # -- TensorFlow checkpoints: slices, written by the owners -------------
+
+    def _gather_saveables_for_checkpoint(self):
+        return _private.sliced_saveables(self)
+
+    def checkpoint_slices(self):
+        """As `UnshardedSlot.checkpoint_slices`: this worker's parts, none while
+        `tf_zero.checkpoint` writes them, the gathered value under several
+        workers otherwise."""
+        if slices.deferred():
+            return []
+        if _private.in_multi_worker_mode(self._shards.strategy):
+            return [("", self.value(), None, None)]
+        return self.local_slices()
+
+    def local_slices(self, max_elements=None, writers_only=True):
+        """(spec, read, dtype, device) of the slices of this worker's parts."""
+        return slices.local_slices(self.local_runs(writers_only), self.shape, max_elements)
+
+    def restore_slices(self, restored: dict) -> None:
+        """Writes restored slices ({spec: tensor}, or {"": full value}) into
+        every part of this slot on this worker's replicas."""
+        if "" in restored:
+            self.check_shape(restored[""])
+        slices.write_slices(self.local_runs(), self.shape, restored)
+
+    def _write(self, value):
+        slices.write_slices(self.local_runs(), self.shape, {"": value})
+
     def _gathered(self) -> tf.Tensor:
         """Every replica's part, joined in rank order, on every worker.
 
@@ -298,6 +342,11 @@ class OwnedSlot(PlacedSlot):
     def _parts(self) -> dict:
         return self._local_slots(writers_only=True)
 
+    def local_runs(self, writers_only=False) -> list:
+        size = tf.TensorShape(self.shape).num_elements()
+        return [(_private.tf_variable(slot), 0, size, 0)
+                for slot in self._local_slots(writers_only).values()]
+
     def value(self) -> tf.Tensor:
         if _private.in_multi_worker_mode(self._shards.strategy):
             flat = self._gathered()
@@ -306,10 +355,6 @@ class OwnedSlot(PlacedSlot):
         (slot,) = self._local_slots(writers_only=True).values()
         with tf.device("/cpu:0"):
             return tf.identity(slot.value)
-
-    def _write(self, value):
-        for slot in self._local_slots().values():
-            slot.assign(tf.cast(value, self.dtype))
 
 
 class RunSlot(PlacedSlot):
@@ -335,6 +380,19 @@ class RunSlot(PlacedSlot):
         return {rank: run.slots[self._position]
                 for rank, run in self._runs(writers_only=True).items()}
 
+    def local_runs(self, writers_only=False) -> list:
+        """A run's part of the slot; a scalar slot (the same on every run) is
+        the slot's one element, saved from the first run only."""
+        out = []
+        for run in self._runs(writers_only).values():
+            slot = _private.tf_variable(run.slots[self._position])
+            if len(slot.shape) == 0:
+                if not (writers_only and run.start):
+                    out.append((slot, 0, 1, 0))
+            else:
+                out.append((slot, run.start, run.size, 0))
+        return out
+
     def value(self) -> tf.Tensor:
         if _private.in_multi_worker_mode(self._shards.strategy):
             flat = self._gathered()
@@ -344,15 +402,6 @@ class RunSlot(PlacedSlot):
                                          for s in self._parts().values()])
         with tf.device("/cpu:0"):
             return tf.reshape(flat if self.shape else flat[:1], self.shape)
-
-    def _write(self, value):
-        flat = tf.reshape(tf.cast(value, self.dtype), [-1])
-        for run in self._runs().values():
-            slot = run.slots[self._position]
-            if len(slot.shape) == 0:
-                slot.assign(flat[0] if self.shape else tf.reshape(flat, []))
-            else:
-                slot.assign(flat[run.start:run.start + run.size])
 
 
 class ShardedWeightFace:
@@ -395,9 +444,10 @@ class ShardedWeightFace:
                 runs.append((comp, lo, hi - lo, 0))
         return runs
 
-    def local_slices(self, max_elements=None):
-        """(spec, read, dtype, device) of the slices of this worker's shards."""
-        return slices.local_slices(self.local_runs(writers_only=True),
+    def local_slices(self, max_elements=None, writers_only=True):
+        """(spec, read, dtype, device) of the slices of this worker's shards
+        (one copy of each by default: what a save writes)."""
+        return slices.local_slices(self.local_runs(writers_only),
                                   tuple(self._shape.as_list()), max_elements)
 
     def restore_slices(self, restored: dict) -> None:

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tf_zero import _private
 from tf_zero.checkpoint import slices
-from tf_zero.checkpoint.faces import UnshardedSlot
+from tf_zero.checkpoint.faces import PlacedSlot, UnshardedSlot
 from tf_zero.config import DEFAULT_BUCKET_SIZE_BYTES
 from tf_zero.fault import debris
 from tf_zero.fault.coordination import (STAGING_TIMEOUT_MS, kv_get_or_raise, sha256_file,
@@ -50,14 +50,18 @@ of every entry, computed as it is written, checked for what is read) or
 _saves = itertools.count()
 
 
+_SLOT_FACES = (UnshardedSlot, PlacedSlot)
+
+
 def _is_sliced(obj) -> bool:
-    return isinstance(obj, UnshardedSlot) or _private.sharded_storage(obj) is not None
+    return isinstance(obj, _SLOT_FACES) or _private.sharded_storage(obj) is not None
 
 
 def _sliced(obj):
-    """The object that saves and restores `obj`'s slices: a slot's face, or the
-    sharded storage of a weight (`tf_zero.weights`)."""
-    return obj if isinstance(obj, UnshardedSlot) else _private.sharded_storage(obj)
+    """The object that saves and restores `obj`'s slices: a slot's face (of a
+    bucket's shards, or of a whole variable's owner or runs), or the sharded
+    storage of a weight (`tf_zero.weights`)."""
+    return obj if isinstance(obj, _SLOT_FACES) else _private.sharded_storage(obj)
 
 
 def strategy_of(root):
@@ -65,7 +69,7 @@ def strategy_of(root):
     Keras model there), or None."""
     found = None
     for obj in tf.train.TrackableView(root).descendants():
-        if isinstance(obj, UnshardedSlot):
+        if isinstance(obj, _SLOT_FACES):
             return obj.strategy
         strategy = getattr(obj, "distribute_strategy", None)  # a Keras model's
         if found is None and strategy is not None and _private.in_multi_worker_mode(strategy):
@@ -173,8 +177,8 @@ def _write(checkpoint, strategy, file_prefix, options, sha256=False):
                 _private.write_checkpoint(checkpoint, os.path.join(staging, "part-00000-graph"),
                                           part_options)
             else:
-                # Gathered state (whole-partition slots) is read
-                # collectively: join the chief's reads, write nothing.
+                # Join any collective read of the chief's serialization
+                # (every sliced entry is deferred), write nothing.
                 _private.serialize_only(checkpoint)
         parts = _write_own_slices(checkpoint, os.path.join(staging, f"part-{worker:05d}"),
                                   sha256)
@@ -451,11 +455,21 @@ def _max_elements(obj) -> int:
     return max(1, CHUNK_BYTES // obj.storage_dtype.size)
 
 
+def _wanted(entries) -> list:
+    """(key, object, spec, dtype) of every slice of `entries` this worker
+    restores: the slices of all its replicas' pieces, each once (under hybrid
+    sharding another worker may save the pieces this one holds)."""
+    wanted = {}
+    for key, obj in entries:
+        for spec, _, dtype, _ in obj.local_slices(_max_elements(obj), writers_only=False):
+            wanted.setdefault((key, spec), (key, obj, spec, dtype))
+    return list(wanted.values())
+
+
 def _own_slices(entries) -> list:
     """(key, spec, dtype, elements) of every slice of `entries` this worker reads."""
     return [(key, spec, dtype, slices.spec_size(spec, tuple(obj.shape)))
-            for key, obj in entries
-            for spec, _, dtype, _ in obj.local_slices(_max_elements(obj))]
+            for key, obj, spec, dtype in _wanted(entries)]
 
 
 def _verify(save_path, wanted) -> None:
@@ -492,8 +506,7 @@ def _named_data_loss(save_path):
 
 def _read_slices(save_path, entries) -> None:
     """Reads this worker's slices of `entries`, `CHUNK_BYTES` at a time."""
-    wanted = [(key, obj, spec, dtype) for key, obj in entries
-              for spec, _, dtype, _ in obj.local_slices(_max_elements(obj))]
+    wanted = _wanted(entries)
     with slices.assembling([obj.local_runs() for _, obj in entries]):
         for chunk in _chunks(wanted, lambda e: _slice_bytes(e[3], e[2], e[1].shape)):
             _read_chunk(save_path, chunk)

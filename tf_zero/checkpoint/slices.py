@@ -293,5 +293,5 @@ def _write_in_place(component, offset, value) -> None:
 def read_slice(component, offset, piece_slice):
     """One checkpoint slice, read from a replica's shard without a copy."""
     with tf.device(component.device):
-        flat = component.read_value()[offset:offset + piece_slice.size]
+        flat = tf.reshape(component.read_value(), [-1])[offset:offset + piece_slice.size]
         return tf.reshape(flat, piece_slice.extent)
