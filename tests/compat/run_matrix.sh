@@ -40,17 +40,20 @@ TEST_TOOLS="pytest>=8 scikit-learn>=1.3"
 # replica count; BackupAndRestore mid-epoch, SIGTERM, another replica count and stage;
 # the whole-variable partition against MirroredStrategy at 4 replicas and its overflow
 # agreement; accumulation against one large batch; an overflow on one replica (also under
-# hybrid sharding); 2 workers as a SLURM step with hybrid sharding at stage 3, their
-# tf_zero.Checkpoint and .weights.h5 file restored in one process; restored shards read
-# without a copy (TensorFlow's copy-on-read mode avoided).
+# hybrid sharding); 2 workers as a SLURM step with hybrid sharding at stage 3 and with Lamb
+# at stage 2, their tf_zero.Checkpoint restored across both workers and in one process, and
+# their .weights.h5 file; restored shards read without a copy (TensorFlow's copy-on-read mode
+# avoided); a flipped bit in any data file refused by TensorFlow's CRC32C (and its message
+# naming the file); whole-variable slots written and read by their owners.
 DEFAULT_TESTS="tests/test_private_api.py;tests/test_optimizer_golden.py;\
 tests/test_optimizer_custom_loop.py -k tutorial_loop;tests/test_checkpoint_release.py;\
 tests/test_checkpoint_slices.py -k without_a_copy;\
+tests/test_checkpoint_parallel.py -k 'flipped or owners';\
 tests/test_fault_backup.py;\
 tests/test_whole_partition.py -k '(match_mirrored and 4) or overflow';\
 tests/test_step_accumulation.py -k 'micro_steps and 4-2';\
 tests/test_mixed_precision_loss_scale.py -k overflow_on_one;\
-tests/test_hybrid_sharding.py -k 'slurm and 3';\
+tests/test_hybrid_sharding.py -k '(slurm and 3) or (two_tasks and lamb)';\
 tests/test_quantized_collectives.py -k '(round_trip and 200 and random) or quantized_reduce_scatter or hybrid or overflow'"
 IFS=';' read -r -a TESTS <<< "${TF_ZERO_MATRIX_TESTS:-$DEFAULT_TESTS}"
 
