@@ -199,7 +199,10 @@ tf_zero.Checkpoint(model=restored, optimizer=restored.optimizer).read(prefix).as
 
 def local_state(m):
     from tf_zero import _private
-    shards = m.optimizer.shards
+    optimizer = m.optimizer
+    while not hasattr(optimizer, "shards"):  # a LossScaleOptimizer around it
+        optimizer = optimizer.inner_optimizer
+    shards = optimizer.shards
     stored = [v for b, v in zip(shards.plan.buckets, shards.storage) if shards.is_stored(b)]
     state = [c.numpy() for v in [*stored, *(s for b in shards.slots for s in b)]
              for c in _private.components(v)]

@@ -196,6 +196,11 @@ class StartupWatch:
         return False
 
 
+LEADER_GONE_SECONDS = 5.0
+"""How long `unjoined_message` gives the coordination service's host to stop
+accepting connections before it lists who accepts none."""
+
+
 def unjoined_message(tasks, own, error) -> str:
     """What a worker says when its wait for the cluster ended in an error
     (TensorFlow raises one when the coordination service's host, the first
@@ -203,6 +208,12 @@ def unjoined_message(tasks, own, error) -> str:
     whose addresses accept no connection now."""
     own = tuple(own)
     others = [(job, i, a) for job, i, a in tasks if (job, i) != own]
+    # The error says the service's host went away; its process may still be
+    # closing its sockets for a moment (SIGKILL of a large process under load).
+    deadline = time.monotonic() + LEADER_GONE_SECONDS
+    while others and tasks[0][:2] != own and _serving(tasks[0][2], timeout=0.2) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
     absent = [f"{job} {i} ({a})" for job, i, a in others if not _serving(a)]
     leader = f"{tasks[0][0]} {tasks[0][1]} ({tasks[0][2]})" if tasks else "the first task"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
