@@ -221,7 +221,9 @@ def test_launcher_forwards_sigterm_and_waits_for_the_backup(tmp_path):
         "task = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
         "def saved(signum, frame):\n"
         "    time.sleep(0.5 * task)  # the chief finishes last\n"
-        "    print('saved on SIGTERM', flush=True)\n"
+        # os.write: SIGTERM may arrive while print('ready') is still flushing,
+        # and a print inside the handler would then be a reentrant call.
+        "    os.write(1, b'saved on SIGTERM\\n')\n"
         "    sys.exit(75)\n"
         "signal.signal(signal.SIGTERM, saved)\n"
         "print('ready', flush=True)\n"

@@ -162,9 +162,18 @@ def _forward_sigterm(procs, lock, out):
         return None
 
     def forward(signum, frame):
-        with lock:
+        # The handler runs on the main thread, which may hold the lock or be
+        # inside `out.write` at this moment: never wait on it for long, and a
+        # reentrant write loses the message, not the signal.
+        acquired = lock.acquire(timeout=0.5)
+        try:
             out.write("[launch] SIGTERM received; forwarding it to every worker\n")
             out.flush()
+        except RuntimeError:
+            pass
+        finally:
+            if acquired:
+                lock.release()
         _signal_running(procs, signal.SIGTERM)
 
     return signal.signal(signal.SIGTERM, forward)

@@ -62,10 +62,14 @@ def exit_on_sigterm(strategy) -> None:
         else:
             why = ("no backup callback (tf_zero.callbacks.BackupAndRestore or "
                    "keras.callbacks.BackupAndRestore) is saving this run, so nothing was saved")
-        sys.stderr.write(f"[tf_zero] worker {worker}: SIGTERM received; {why}. Exiting with "
-                         f"status {TERMINATED_EXIT_CODE}.\n")
-        sys.stderr.flush()
-        sys.stdout.flush()
+        message = (f"[tf_zero] worker {worker}: SIGTERM received; {why}. Exiting with "
+                   f"status {TERMINATED_EXIT_CODE}.\n")
+        try:  # the main thread may be inside a write to either stream right now
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except RuntimeError:
+            pass
+        os.write(2, message.encode())
         os._exit(TERMINATED_EXIT_CODE)
 
     signal.signal(signal.SIGTERM, terminate)
