@@ -64,12 +64,12 @@ def exit_on_sigterm(strategy) -> None:
                    "keras.callbacks.BackupAndRestore) is saving this run, so nothing was saved")
         message = (f"[tf_zero] worker {worker}: SIGTERM received; {why}. Exiting with "
                    f"status {TERMINATED_EXIT_CODE}.\n")
-        try:  # the main thread may be inside a write to either stream right now
-            sys.stdout.flush()
+        try:
+            sys.stderr.write(message)
             sys.stderr.flush()
-        except RuntimeError:
-            pass
-        os.write(2, message.encode())
+            sys.stdout.flush()
+        except RuntimeError:  # the main thread was inside a write to the stream
+            os.write(2, message.encode())
         os._exit(TERMINATED_EXIT_CODE)
 
     signal.signal(signal.SIGTERM, terminate)
