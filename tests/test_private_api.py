@@ -251,8 +251,18 @@ def test_sliced_saveables_restore_every_slice(tmp_path):
     root = tf.train.Checkpoint(s=saved)
     assert _private.sliced_objects(root, lambda o: isinstance(o, Sliced)) == [
         ("s/.ATTRIBUTES/VARIABLE_VALUE", saved)]
-    _private.serialize_only(root)  # reads, writes nothing
     prefix = root.write(str(tmp_path / "c"))
+    # A snapshot reads every value when it is taken and writes them later,
+    # whatever the variables hold by then (an in-place update copies first).
+    counter = tf.Variable([1.0, 2.0])
+    write = _private.snapshot(tf.train.Checkpoint(s=saved, counter=counter))
+    counter.assign([5.0, 6.0])
+    counter.assign_add([1.0, 1.0])
+    write(str(tmp_path / "snap"))
+    later = tf.Variable([0.0, 0.0])
+    tf.train.Checkpoint(counter=later).read(str(tmp_path / "snap")).expect_partial()
+    np.testing.assert_array_equal(later.numpy(), [1.0, 2.0])
+    np.testing.assert_array_equal(counter.numpy(), [6.0, 7.0])
     restored = Sliced(["4 6 0,2:-", "4 6 2,2:-"], [x[:2], x[2:]])
     tf.train.Checkpoint(s=restored).read(prefix).assert_consumed()
     np.testing.assert_array_equal(restored.restored["4 6 0,2:-"], x[:2])

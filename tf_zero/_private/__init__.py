@@ -107,7 +107,8 @@ from tf_zero._private.distribute import (  # noqa: E402
     sharded_storage, strategy_of,
     tf_variable, uninitialized, unique_id, worker_count, worker_index, write_object_proto)
 from tf_zero._private.checkpoint_io import (  # noqa: E402
-    matched_objects, run_write_callbacks, serialize_only, sliced_objects, sliced_saveables,
+    matched_objects, run_write_callbacks, sliced_objects, sliced_saveables,
+    snapshot,
     track_trackable, unmatched_values, write_checkpoint)
 from tf_zero._private.keras_layers import (  # noqa: E402
     add_weight_arguments, added_loss_count, autocast_dtype, autocast_scope, layer_adding_weight,

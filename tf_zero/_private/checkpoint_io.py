@@ -18,12 +18,13 @@ on either side.
 from __future__ import annotations
 
 import functools
+import os
 
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2 as _object_graph_pb2
 from tensorflow.python.checkpoint import checkpoint as _checkpoint
+from tensorflow.python.checkpoint import functional_saver as _functional_saver
 from tensorflow.python.checkpoint import graph_view as _graph_view
-from tensorflow.python.checkpoint import save_util as _save_util
 from tensorflow.python.trackable import trackable_utils as _trackable_utils
 from tensorflow.python.training.saving import saveable_object as _saveable_object
 from tensorflow.python.training.saving import saveable_object_util as _saveable_object_util
@@ -177,11 +178,46 @@ def unmatched_values(root, save_path):
     return saved_only, live_only
 
 
-def serialize_only(root) -> None:
-    """Serializes `root` as `tf.train.Checkpoint(root).write` would, writing
-    nothing: a worker whose file would be discarded still joins the
-    collectives that reading gathered state runs, in the same order."""
-    _save_util.serialize_graph_view(_graph_view.ObjectGraphView(root))
+def snapshot(root):
+    """Serializes `root` as `tf.train.Checkpoint(root).write` would and reads
+    every value now; returns `write(file_prefix, options)`, which writes that
+    snapshot (from any thread).
+
+    A read shares the variable's buffer, and TensorFlow copies a variable's
+    buffer before changing it while another reference to it is alive
+    (`AssignVariableOp` replaces the buffer; the in-place update kernels copy
+    it first when it is shared): the snapshot keeps this moment's values,
+    costing host memory only for the variables updated before it is
+    written. A worker whose file would be discarded calls it too, to join
+    the collectives that reading gathered state runs, in the same order.
+    """
+    saver = getattr(root, "_saver", None)  # a tf.train.Checkpoint's, with its attached objects
+    if not isinstance(saver, _checkpoint.TrackableSaver):
+        saver = _checkpoint.TrackableSaver(_graph_view.ObjectGraphView(root))
+    serialized, _, registered, _ = saver._gather_serialized_tensors(None)
+    frozen = type(serialized)()  # keyed by identity
+    for obj, tensors in serialized.items():
+        frozen[obj] = _read_now(tensors)
+
+    def write(file_prefix, options=None):
+        tf.io.gfile.makedirs(os.path.dirname(file_prefix))
+        with tf.device("/cpu:0"):
+            prefix = tf.constant(file_prefix)
+        _functional_saver.MultiDeviceSaver(frozen, registered).save(
+            prefix, options=options or tf.train.CheckpointOptions())
+
+    return write
+
+
+def _read_now(value):
+    if isinstance(value, dict):
+        return {k: _read_now(v) for k, v in value.items()}
+    if isinstance(value, _saveable_object.SaveSpec):
+        tensor = value.tensor  # calls a deferred read
+        return value if tensor is None else tensor  # None: uninitialized, as TF keeps it
+    if isinstance(value, tf.Variable):  # a distributed variable saves itself: its primary's value
+        return value.read_value()
+    return value
 
 
 def run_write_callbacks(options, save_path) -> None:

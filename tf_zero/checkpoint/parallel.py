@@ -19,6 +19,7 @@ docs/checkpoints.md.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import itertools
@@ -26,6 +27,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import threading
 import uuid
 
 import keras
@@ -48,6 +51,8 @@ INTEGRITY = ("crc32c", "sha256")
 of every entry, computed as it is written, checked for what is read) or
 "sha256" (also a SHA-256 of every data file, checked before a restore)."""
 _saves = itertools.count()
+_pending = []  # background saves not yet waited for
+_pending_lock = threading.Lock()
 
 
 _SLOT_FACES = (UnshardedSlot, PlacedSlot)
@@ -107,17 +112,55 @@ class Checkpoint(tf.train.Checkpoint):
             raise ValueError(f"integrity must be one of {INTEGRITY}, got {integrity!r}")
         super().__init__(root, **kwargs)
         self._tf_zero_integrity = integrity
+        self._tf_zero_background = False  # save() asked for an asynchronous write
+        self._tf_zero_save = None  # the background save not yet waited for
+
+    def save(self, file_prefix, options=None):
+        # TensorFlow's own asynchronous save copies every variable first; with
+        # sharded state, TensorFlow's save numbers and records the checkpoint
+        # and `_write` writes it in the background.
+        if not (_asynchronous(options) and strategy_of(self) is not None):
+            return super().save(file_prefix, options=options)
+        options = copy.copy(options)
+        options.experimental_enable_async_checkpoint = False
+        self._tf_zero_background = True
+        try:
+            return super().save(file_prefix, options=options)
+        finally:
+            self._tf_zero_background = False
 
     def _write(self, file_prefix, options=None):  # TensorFlow's hook of save and write
         strategy = strategy_of(self)
         if strategy is None:
             return _private.write_checkpoint(self, file_prefix, options)
-        return _write(self, strategy, os.fspath(file_prefix), options,
-                      self._tf_zero_integrity == "sha256")
+        self.sync()  # the previous save first, and its failure
+        background = self._tf_zero_background or _asynchronous(options)
+        save = _Save(self, strategy, os.fspath(file_prefix), options,
+                     self._tf_zero_integrity == "sha256", background)
+        if not background:
+            return save.finish()
+        self._tf_zero_save = save
+        save.start()
+        return os.fspath(file_prefix)
+
+    def sync(self):
+        """Waits for this checkpoint's background save (and TensorFlow's own).
+
+        Raises:
+            Exception: the background save failed, on this worker or another
+                (then nothing was published and the previous checkpoint is
+                intact). Raised once, here or by the next save.
+        """
+        super().sync()
+        save, self._tf_zero_save = self._tf_zero_save, None
+        if save is not None:
+            save.wait()
 
     # TensorFlow's `restore` calls `read` (after turning a SavedModel directory
     # into its variables' prefix): the checks and the slices are done here, once.
     def read(self, save_path, options=None):
+        self.sync()
+        wait_for_saves()  # another checkpoint's background save may write this one
         if save_path is None:  # no checkpoint yet: TensorFlow's initialization-only status
             return super().read(save_path, options=options)
         save_path = os.fspath(save_path)
@@ -155,67 +198,146 @@ class Checkpoint(tf.train.Checkpoint):
 # -- writing --------------------------------------------------------------
 
 
-def _write(checkpoint, strategy, file_prefix, options, sha256=False):
-    multi = _private.in_multi_worker_mode(strategy)
-    chief = not multi or _private.is_chief(strategy)
-    worker = _private.worker_index(strategy) if multi else 0
-    key = f"tf_zero/checkpoint/{next(_saves)}"
-    target = os.path.abspath(file_prefix)
-    if chief:
-        staging = debris.staging_name(target, uuid.uuid4().hex[:12])
-        tf.io.gfile.makedirs(staging)
-        if multi:
-            _private.kv_set(f"{key}/staging", staging)
-    else:
-        staging = _kv_get(f"{key}/staging", "start the save")
-    error, parts = None, []
-    try:
-        with slices.deferring():
-            if chief:
-                part_options = copy.copy(options) or tf.train.CheckpointOptions()
-                part_options.experimental_write_callbacks = None
-                _private.write_checkpoint(checkpoint, os.path.join(staging, "part-00000-graph"),
-                                          part_options)
-            else:
-                # Join any collective read of the chief's serialization
-                # (every sliced entry is deferred), write nothing.
-                _private.serialize_only(checkpoint)
-        parts = _write_own_slices(checkpoint, os.path.join(staging, f"part-{worker:05d}"),
-                                  sha256)
-        if multi:
-            _private.kv_set(f"{key}/parts/{worker}", json.dumps(parts))
-    except Exception as e:  # noqa: BLE001  (re-raised after the agreement)
-        error = e
-    everyone_wrote = (worker_agreement(strategy, error is None, (
-        "nothing was published and the previous checkpoint is intact" if chief else
-        f"the chief publishes {file_prefix} once every worker has reported, so whether it "
-        "did is unknown here: check it")) if multi else error is None)
-    if chief:
+def _asynchronous(options) -> bool:
+    return bool(options is not None and options.experimental_enable_async_checkpoint)
+
+
+class _Save:
+    """One save of sharded state. Created on every worker in the training
+    thread: it takes the snapshot (TensorFlow's serialization, the reads of
+    this worker's slices); `finish` writes this worker's part, agrees with
+    the others and, on the chief, publishes, in this thread or in the
+    background (`start`).
+
+    A background save reads every slice when it is created and keeps the
+    tensors: a read shares the variable's buffer, which TensorFlow copies
+    before the next update of that variable (copy-on-write), so training
+    goes on at once and the extra host memory is at most this worker's own
+    state (the variables updated before they are written). A save in this
+    thread reads a chunk at a time instead.
+    """
+
+    def __init__(self, checkpoint, strategy, file_prefix, options, sha256, background):
+        self.strategy, self.options, self.sha256 = strategy, options, sha256
+        self.file_prefix = file_prefix
+        self.multi = _private.in_multi_worker_mode(strategy)
+        self.chief = not self.multi or _private.is_chief(strategy)
+        self.worker = _private.worker_index(strategy) if self.multi else 0
+        self.key = f"tf_zero/checkpoint/{next(_saves)}"
+        self.target = os.path.abspath(file_prefix)
+        self.thread, self.error, self.graph, self.entries = None, None, None, []
+        if self.chief:
+            self.staging = debris.staging_name(self.target, uuid.uuid4().hex[:12])
+            tf.io.gfile.makedirs(self.staging)
+            if self.multi:
+                _private.kv_set(f"{self.key}/staging", self.staging)
+        else:
+            self.staging = _kv_get(f"{self.key}/staging", "start the save")
         try:
-            if everyone_wrote:
-                if multi:
-                    parts = [p for w in range(_private.worker_count(strategy))
-                             for p in json.loads(_kv_get(f"{key}/parts/{w}", "report its parts"))]
-                _merge_and_publish(staging, target, parts, sha256)
-                _private.run_write_callbacks(options, file_prefix)
-        except Exception as e:  # noqa: BLE001
-            error = error or e
+            with slices.deferring():  # every sliced entry is written below, not by TF's saver
+                graph = _private.snapshot(checkpoint)
+            self.graph = graph if self.chief else None  # the others joined its collective reads
+            self.entries = _own_entries(checkpoint, read_now=background)
+        except Exception as e:  # noqa: BLE001  (raised after the agreement, in finish)
+            self.error = e
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name=f"tf_zero save {self.key}")
+        with _pending_lock:
+            _pending.append(self)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.finish()
+        except BaseException as e:  # noqa: BLE001  (raised by wait())
+            self.error = e
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if error is None and everyone_wrote:
-            debris.sweep(os.path.dirname(target))  # what killed saves left there
-    everyone_published = (worker_agreement(strategy, error is None, (
-        (f"this worker, the chief, had published {file_prefix}" if everyone_wrote
-         and error is None else "nothing was published") if chief else
-        f"whether the chief published {file_prefix} is unknown here: check it"))
-        if multi else error is None)
-    if error is not None:
-        raise error
-    if not (everyone_wrote and everyone_published):
-        raise RuntimeError(
-            f"Writing checkpoint {file_prefix} failed on another worker (see its log); "
-            "nothing was published and the previous checkpoint is intact.")
-    return file_prefix  # as given, as TensorFlow's saver returns it
+            self.entries = []  # the snapshot's buffers go now, not at the next save
+
+    def wait(self):
+        """Waits for a background save; raises its failure (once)."""
+        if self.thread is not None:
+            self.thread.join()
+            with _pending_lock:
+                if self in _pending:
+                    _pending.remove(self)
+            self.thread = None
+            error, self.error = self.error, None
+            if error is not None:
+                raise error
+
+    def finish(self):
+        error, parts, staging, key = self.error, [], self.staging, self.key
+        if error is None:
+            try:
+                if self.graph is not None:
+                    part_options = copy.copy(self.options) or tf.train.CheckpointOptions()
+                    part_options.experimental_write_callbacks = None
+                    part_options.experimental_enable_async_checkpoint = False
+                    self.graph(os.path.join(staging, "part-00000-graph"), part_options)
+                    self.graph = None
+                parts = _write_entries(self.entries, os.path.join(
+                    staging, f"part-{self.worker:05d}"), self.sha256)
+                self.entries = []
+                if self.multi:
+                    _private.kv_set(f"{key}/parts/{self.worker}", json.dumps(parts))
+            except Exception as e:  # noqa: BLE001  (re-raised after the agreement)
+                error = e
+        file_prefix, chief, strategy = self.file_prefix, self.chief, self.strategy
+        everyone_wrote = (worker_agreement(strategy, error is None, (
+            "nothing was published and the previous checkpoint is intact" if chief else
+            f"the chief publishes {file_prefix} once every worker has reported, so whether it "
+            "did is unknown here: check it"), key=f"{key}/wrote") if self.multi
+            else error is None)
+        if chief:
+            try:
+                if everyone_wrote:
+                    if self.multi:
+                        parts = [p for w in range(_private.worker_count(strategy))
+                                 for p in json.loads(_kv_get(f"{key}/parts/{w}",
+                                                             "report its parts"))]
+                    _merge_and_publish(staging, self.target, parts, self.sha256)
+                    _private.run_write_callbacks(self.options, file_prefix)
+            except Exception as e:  # noqa: BLE001
+                error = error or e
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            if error is None and everyone_wrote:
+                debris.sweep(os.path.dirname(self.target))  # what killed saves left there
+        everyone_published = (worker_agreement(strategy, error is None, (
+            (f"this worker, the chief, had published {file_prefix}" if everyone_wrote
+             and error is None else "nothing was published") if chief else
+            f"whether the chief published {file_prefix} is unknown here: check it"),
+            key=f"{key}/published") if self.multi else error is None)
+        if error is not None:
+            raise error
+        if not (everyone_wrote and everyone_published):
+            raise RuntimeError(
+                f"Writing checkpoint {file_prefix} failed on another worker (see its log); "
+                "nothing was published and the previous checkpoint is intact.")
+        return file_prefix  # as given, as TensorFlow's saver returns it
+
+
+def wait_for_saves() -> list:
+    """Waits for every background save of this process; returns their
+    failures (each also raised by its checkpoint's next save or `sync`)."""
+    with _pending_lock:
+        pending = list(_pending)
+    for save in pending:
+        if save.thread is not None:
+            save.thread.join()
+    return [save.error for save in pending if save.error is not None]
+
+
+def _report_unwaited():
+    """At exit: a background save's failure nobody waited for is said."""
+    for error in wait_for_saves():
+        print(f"[tf_zero] a background checkpoint save failed and was never waited for: "
+              f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+atexit.register(_report_unwaited)
 
 
 def _kv_get(key, what):
@@ -241,19 +363,32 @@ def _slice_bytes(dtype, spec, shape):
     return slices.spec_size(spec, shape) * tf.as_dtype(dtype).size
 
 
-def _write_own_slices(checkpoint, prefix, sha256=False) -> list:
-    """Writes this worker's slices, a chunk per part; returns [(part, size,
-    SHA-256 or None)]."""
+def _own_entries(checkpoint, read_now=False) -> list:
+    """This worker's slices: [(key, owner, spec, dtype, read)]; with `read_now`
+    each `read` returns a tensor read here and now."""
     entries = [(key, _sliced(obj), *s)
                for key, obj in _private.sliced_objects(checkpoint, _is_sliced)
                for s in _sliced(obj).local_slices(_max_elements(_sliced(obj)))]
+    if read_now:
+        entries = [(*e[:3], e[4], _constant(e[3]())) for e in entries]
+    else:
+        entries = [(*e[:3], e[4], e[3]) for e in entries]
+    return entries
+
+
+def _constant(tensor):
+    return lambda: tensor
+
+
+def _write_entries(entries, prefix, sha256=False) -> list:
+    """Writes slices, a chunk per part; returns [(part, size, SHA-256 or None)]."""
     parts = []
-    for i, chunk in enumerate(_chunks(entries, lambda e: _slice_bytes(e[4], e[2], e[1].shape))):
+    for i, chunk in enumerate(_chunks(entries, lambda e: _slice_bytes(e[3], e[2], e[1].shape))):
         part = f"{prefix}-{i:05d}"
         with tf.device("/cpu:0"):
             tf.raw_ops.SaveV2(prefix=part, tensor_names=[e[0] for e in chunk],
                               shape_and_slices=[e[2] for e in chunk],
-                              tensors=[e[3]() for e in chunk])
+                              tensors=[e[4]() for e in chunk])
         parts.append(os.path.basename(part))
     return [(p, *_size_and_hash(os.path.join(os.path.dirname(prefix),
                                              p + ".data-00000-of-00001"), sha256))

@@ -57,7 +57,7 @@ def kv_get_or_raise(key: str, timeout_ms: int, what: str) -> str:
             f"exited or died) ({key}).") from e
 
 
-def worker_agreement(strategy, ok: bool, unknown: str = "") -> bool:
+def worker_agreement(strategy, ok: bool, unknown: str = "", key: str | None = None) -> bool:
     """True on every worker if `ok` is true on every worker.
 
     Each worker posts its outcome in the job's key-value store (the
@@ -71,18 +71,20 @@ def worker_agreement(strategy, ok: bool, unknown: str = "") -> bool:
         ok: this worker's outcome.
         unknown: what the caller's save has or has not published at this
             point, said when a worker's outcome cannot be learned.
+        key: the agreement's own name, unique in the job, for an agreement
+            made outside the numbered sequence (a background save's).
 
     Raises:
         RuntimeError: a worker's outcome could not be read.
     """
-    return not failed_workers(strategy, ok, unknown)
+    return not failed_workers(strategy, ok, unknown, key)
 
 
-def failed_workers(strategy, ok: bool, unknown: str = "") -> list[int]:
+def failed_workers(strategy, ok: bool, unknown: str = "", key: str | None = None) -> list[int]:
     """The workers whose outcome was not ok (`worker_agreement`'s answer, by worker)."""
     if not _private.in_multi_worker_mode(strategy):
         return [] if ok else [0]
-    key = f"tf_zero/save/{next(_agreements)}"
+    key = key or f"tf_zero/save/{next(_agreements)}"
     _private.kv_set(f"{key}/{_private.worker_index(strategy)}", "ok" if ok else "failed")
     outcomes = [kv_get_or_raise(
         f"{key}/{i}", AGREEMENT_TIMEOUT_MS,
