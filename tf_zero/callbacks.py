@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_zero import _private
+from tf_zero.checkpoint import parallel
 from tf_zero.fault import preemption, saving
 from tf_zero.fault.coordination import PREEMPTED_EXIT_CODE, sha256_file
 
@@ -332,6 +333,11 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _exit_preempted(self):
         watch, self._watch = self._watch, None
         watch.stop()
+        # A tf_zero.Checkpoint saving in the background (the user's own) is
+        # finished first, on every worker, before anyone leaves.
+        for error in parallel.wait_for_saves():
+            print(f"[tf_zero] worker {self._worker}: a background checkpoint save failed "
+                  f"before the preemption: {type(error).__name__}: {error}", flush=True)
         watch.leave_together()
         start = watch.signal_time
         seconds = None if start is None else time.monotonic() - start
