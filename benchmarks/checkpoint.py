@@ -24,8 +24,11 @@ shards make it far smaller.
         [--writers tf tf_zero] [--rounds 1] [--plot checkpoint.png]
 
 Writers: `tf` (tf.train.Checkpoint), `tf_zero` (tf_zero.Checkpoint, its
-default CRC32C integrity), `tf_zero_sha256` (`integrity="sha256"`), `keras`
-(model.save_weights). With `--rounds R` the writers run in turn R times
+default CRC32C integrity), `tf_zero_sha256` (`integrity="sha256"`),
+`tf_zero_async` (`CheckpointOptions(enable_async=True)`: the training
+thread's blocked time, then training steps while the write is in flight, their
+median time against the same steps alone, and the memory of the whole save
+with those steps against the steps alone), `keras` (model.save_weights). With `--rounds R` the writers run in turn R times
 (paired runs on the same machine state) and the medians of the wall times
 are printed, with each writer's median over `tf`'s.
 
@@ -128,6 +131,8 @@ def child(n, params, stage, directory, phase, writer):
 
         make = functools.partial(tf_zero.Checkpoint, integrity=(
             "sha256" if writer == "tf_zero_sha256" else "crc32c"))
+        if writer == "tf_zero_async" and phase == "save":
+            return background_save(model, make, prefix, x, y, n)
     else:
         make = tf.train.Checkpoint
     h5 = prefix + ".weights.h5"
@@ -149,7 +154,53 @@ def child(n, params, stage, directory, phase, writer):
                       "file_mib": size / 2**20, "digest": _digest(values)}))
 
 
+def background_save(model, make, prefix, x, y, n):
+    """An asynchronous save: the training thread's blocked time, the steps
+    trained while the write is in flight, the whole save's time and memory."""
+    import gc
+
+    import numpy as np
+    import tensorflow as tf
+
+    xb, yb = x[:16 * n], y[:16 * n]
+    model.train_on_batch(xb, yb)
+    gc.collect()
+    with Measured() as alone:  # the same steps without a save
+        for _ in range(3):
+            model.train_on_batch(xb, yb)
+    step_alone = alone.seconds / 3
+    values = model.get_weights() + [np.asarray(v.numpy()) for v in model.optimizer.variables]
+    saved_digest = _digest(values)  # what the save must hold
+    del values
+    checkpoint = make(model=model, optimizer=model.optimizer)
+    gc.collect()
+    steps = []
+    with Measured() as m:
+        start = time.perf_counter()
+        checkpoint.write(prefix, options=tf.train.CheckpointOptions(enable_async=True))
+        blocked = time.perf_counter() - start
+        pending = checkpoint._tf_zero_save  # noqa: SLF001  (to know when the write ends)
+        while pending.thread is not None and pending.thread.is_alive() and len(steps) < 200:
+            t = time.perf_counter()
+            model.train_on_batch(xb, yb)
+            steps.append(time.perf_counter() - t)
+        checkpoint.sync()
+    directory = os.path.dirname(prefix)
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    print(json.dumps({"n": n, "params": model.count_params(),
+                      "state_mib": model.count_params() * 4 * 3 / 2**20,
+                      "seconds": m.seconds, "blocked_seconds": blocked,
+                      "steps_during_write": len(steps),
+                      "step_seconds_during_write": float(np.median(steps)) if steps else None,
+                      "step_seconds_alone": step_alone,
+                      "steps_alone_rss_extra_mib": alone.extra,
+                      "steps_alone_tf_extra_mib": alone.tf_extra,
+                      "rss_extra_mib": m.extra, "tf_extra_mib": m.tf_extra,
+                      "file_mib": size / 2**20, "digest": saved_digest}))
+
+
 LABELS = {"tf": "tf.train.Checkpoint", "tf_zero": "tf_zero.Checkpoint",
+          "tf_zero_async": "tf_zero.Checkpoint, asynchronous",
           "tf_zero_sha256": 'tf_zero.Checkpoint(integrity="sha256")',
           "keras": "model.save_weights"}
 
@@ -181,7 +232,7 @@ def main():
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--writers", nargs="+", default=["tf", "tf_zero"],
-                        choices=["tf", "tf_zero", "tf_zero_sha256", "keras"],
+                        choices=["tf", "tf_zero", "tf_zero_sha256", "tf_zero_async", "keras"],
                         help="tf.train.Checkpoint, tf_zero.Checkpoint (CRC32C, or SHA-256), "
                         "Keras' .weights.h5")
     parser.add_argument("--rounds", type=int, default=1,
@@ -214,6 +265,16 @@ def main():
             f"{r[name]['tf_extra_mib']:.0f} MiB (x{r[name]['tf_extra_mib'] / state:.2f})"
             for name in ("save", "restore")) + f" | restored identical: {r['identical']}",
             flush=True)
+        if "blocked_seconds" in save:
+            during = save["step_seconds_during_write"]
+            print(f"    asynchronous: training blocked {save['blocked_seconds']:.3f} s of the "
+                  f"{save['seconds']:.2f} s save; {save['steps_during_write']} steps trained "
+                  "during the write, median step "
+                  + (f"{during:.3f} s" if during is not None else "-")
+                  + f" (alone {save['step_seconds_alone']:.3f} s); the same steps alone: "
+                  f"extra RSS {save['steps_alone_rss_extra_mib']:.0f} MiB, allocator "
+                  f"{save['steps_alone_tf_extra_mib']:.0f} MiB", flush=True)
+            r["save"]["blocked_seconds"] = save["blocked_seconds"]
     if args.rounds > 1:
         _print_medians(rows, args.writers, args.replicas)
     if args.plot:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import os
@@ -369,14 +370,22 @@ def _own_entries(checkpoint, read_now=False) -> list:
     entries = [(key, _sliced(obj), *s)
                for key, obj in _private.sliced_objects(checkpoint, _is_sliced)
                for s in _sliced(obj).local_slices(_max_elements(_sliced(obj)))]
-    if read_now:
-        entries = [(*e[:3], e[4], _constant(e[3]())) for e in entries]
-    else:
-        entries = [(*e[:3], e[4], e[3]) for e in entries]
-    return entries
+    if not read_now:
+        return [(*e[:3], e[4], e[3]) for e in entries]
+    values = {}  # a component's value, read once for all its slices
+    return [(*e[:3], e[4], _read_now(e[3], values)) for e in entries]
 
 
-def _constant(tensor):
+def _read_now(read, values):
+    """`read` as a function of values read now: a slice of a shard reads the
+    shard (one read shares its buffer) and is cut from it when written."""
+    if isinstance(read, functools.partial) and read.func is slices.read_slice:
+        component, offset, piece = read.args
+        if id(component) not in values:
+            values[id(component)] = (component, component.read_value())
+        return functools.partial(slices.slice_of, values[id(component)][1], component.device,
+                                 offset, piece)
+    tensor = read()
     return lambda: tensor
 
 

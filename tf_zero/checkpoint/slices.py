@@ -292,6 +292,11 @@ def _write_in_place(component, offset, value) -> None:
 
 def read_slice(component, offset, piece_slice):
     """One checkpoint slice, read from a replica's shard without a copy."""
-    with tf.device(component.device):
-        flat = tf.reshape(component.read_value(), [-1])[offset:offset + piece_slice.size]
+    return slice_of(component.read_value(), component.device, offset, piece_slice)
+
+
+def slice_of(value, device, offset, piece_slice):
+    """`read_slice` of a value read earlier (a background save's snapshot)."""
+    with tf.device(device):
+        flat = tf.reshape(value, [-1])[offset:offset + piece_slice.size]
         return tf.reshape(flat, piece_slice.extent)
