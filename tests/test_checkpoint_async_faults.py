@@ -2,6 +2,7 @@
 the launcher, 2 logical CPUs each): a failing write, SIGKILL and SIGTERM while
 a write is in flight. The job is tests/jobs/async_save_job.py."""
 
+import json
 import os
 import re
 
@@ -95,3 +96,21 @@ def test_sigterm_during_a_background_write_waits_for_it_and_resumes_exactly(
     # The backup taken at the preemption resumes at its step: the end is the
     # uninterrupted run's, bit for bit.
     assert _finals(output) == final
+
+
+def test_sigkill_during_an_asynchronous_sharded_backup_resumes_from_the_previous_one(
+        tmp_path, reference):
+    """Backups written as tf_zero.Checkpoint in the background (every 2 batches,
+    each before the job's own save): worker 1 is killed while backup 3 is in
+    flight. latest.json still names backup 2, complete; the relaunch resumes
+    there and ends as the uninterrupted run, bit for bit."""
+    _, final = reference
+    status, output = _run(tmp_path, "--backup", "sharded_async", "--signal", "1:5:KILL")
+    assert status != 0 and "signal KILL at save 5 in flight" in output, output
+    latest = json.load(open(tmp_path / "backup" / "latest.json"))
+    assert (latest["epoch"], latest["batch"]) == (0, 4), latest
+    assert os.path.exists(tmp_path / "backup" / (latest["weights"] + ".index"))
+    status, output = _run(tmp_path, "--backup", "sharded_async")
+    assert status == 0, output
+    assert _finals(output) == final
+    assert not os.path.exists(tmp_path / "backup")  # removed after the complete run

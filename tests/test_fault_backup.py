@@ -1,5 +1,6 @@
 """tf_zero.callbacks in one process: exact mid-epoch resume, SIGTERM, bad backups."""
 
+import functools
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from conftest import max_weight_diff, mlp, regression_data, zero_strategy
 
 import tf_zero
 from tf_zero.callbacks import PREEMPTED_EXIT_CODE, BackupAndRestore
+from tf_zero.checkpoint.parallel import wait_for_saves
 
 BATCH = 24  # 96 samples: 4 batches per epoch
 
@@ -69,14 +71,21 @@ def reference():
     return train(compiled(zero_strategy(4))).get_weights()
 
 
+CALLBACKS = pytest.mark.parametrize(
+    "make_callback", [BackupAndRestore, keras.callbacks.BackupAndRestore,
+                      functools.partial(BackupAndRestore, sharded=True, asynchronous=True)],
+    ids=["tf_zero", "keras", "tf_zero_sharded_async"])
+
+
 def test_import_tf_zero_exposes_callbacks():
     assert tf_zero.callbacks.BackupAndRestore is BackupAndRestore
     with pytest.raises(ValueError, match="positive number of batches"):
         BackupAndRestore("d", save_freq=0)
+    with pytest.raises(ValueError, match="pass sharded=True"):
+        BackupAndRestore("d", asynchronous=True)
 
 
-@pytest.mark.parametrize("make_callback", [BackupAndRestore, keras.callbacks.BackupAndRestore],
-                         ids=["tf_zero", "keras"])
+@CALLBACKS
 def test_mid_epoch_backup_resumes_at_that_batch(tmp_path, reference, make_callback):
     """save_freq=3 over 4-batch epochs: a crash in epoch 1 resumes after batch 2 of it.
 
@@ -87,6 +96,7 @@ def test_mid_epoch_backup_resumes_at_that_batch(tmp_path, reference, make_callba
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(compiled(zero_strategy(4)),
               [make_callback(backup, save_freq=3), SignalAt(1, 3, crash)])
+    wait_for_saves()  # as the process would at exit: an asynchronous backup in flight
     latest = json.load(open(os.path.join(backup, "latest.json")))
     assert (latest["epoch"], latest["batch"]) == (1, 2)
     trace = Trace()
@@ -98,10 +108,13 @@ def test_mid_epoch_backup_resumes_at_that_batch(tmp_path, reference, make_callba
     assert not os.path.exists(backup)  # removed after a complete run
 
 
-def test_sigterm_saves_that_step_and_exits(tmp_path, reference):
-    """SIGTERM in epoch 1 batch 1: backup after that batch, exit 75, exact resume."""
+@pytest.mark.parametrize("kind", [{}, {"sharded": True, "asynchronous": True}],
+                         ids=["weights_h5", "sharded_async"])
+def test_sigterm_saves_that_step_and_exits(tmp_path, reference, kind):
+    """SIGTERM in epoch 1 batch 1: backup after that batch, exit 75, exact resume.
+    Asynchronous backups: the preemption's is written in the foreground."""
     backup = str(tmp_path / "b")
-    callback = BackupAndRestore(backup)
+    callback = BackupAndRestore(backup, **kind)
     start = time.monotonic()
     with pytest.raises(SystemExit) as exit_info:
         train(compiled(zero_strategy(4)),
@@ -113,7 +126,7 @@ def test_sigterm_saves_that_step_and_exits(tmp_path, reference):
     latest = json.load(open(os.path.join(backup, "latest.json")))
     assert (latest["epoch"], latest["batch"]) == (1, 2)
     trace = Trace()
-    resumed = train(compiled(zero_strategy(4)), [BackupAndRestore(backup), trace])
+    resumed = train(compiled(zero_strategy(4)), [BackupAndRestore(backup, **kind), trace])
     assert trace.batches[:2] == [(1, 2), (1, 3)] and len(trace.batches) == 6
     assert max_weight_diff(resumed.get_weights(), reference) < 1e-6
 
@@ -126,8 +139,7 @@ class SignalAtTheEnd(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("make_callback", [BackupAndRestore, keras.callbacks.BackupAndRestore],
-                         ids=["tf_zero", "keras"])
+@CALLBACKS
 def test_sigterm_after_the_last_step_keeps_the_completed_fit(tmp_path, reference, make_callback):
     """A SIGTERM after the last step boundary used to be dropped (fit ended,
     its backups removed, the process trained on into whatever followed). Now
@@ -148,8 +160,7 @@ def test_sigterm_after_the_last_step_keeps_the_completed_fit(tmp_path, reference
     assert int(resumed.optimizer.iterations.numpy()) == 12
 
 
-@pytest.mark.parametrize("make_callback", [BackupAndRestore, keras.callbacks.BackupAndRestore],
-                         ids=["tf_zero", "keras"])
+@CALLBACKS
 def test_backup_after_an_epochs_last_batch_resumes_at_the_next_epoch(
         tmp_path, reference, make_callback):
     """save_freq=2 divides the 4-batch epoch: the backup after epoch 1's last batch is (2, 0)."""
@@ -157,9 +168,11 @@ def test_backup_after_an_epochs_last_batch_resumes_at_the_next_epoch(
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(compiled(zero_strategy(4)),
               [make_callback(backup, save_freq=2), SignalAt(2, 0, crash)])
+    wait_for_saves()
     latest = json.load(open(os.path.join(backup, "latest.json")))
     assert (latest["epoch"], latest["batch"]) == (2, 0)
-    assert latest["weights"] == "backup-000002-000000.weights.h5"
+    sharded = isinstance(make_callback, functools.partial)
+    assert latest["weights"] == "backup-000002-000000" + ("" if sharded else ".weights.h5")
     trace = Trace()
     resumed = train(compiled(zero_strategy(2)), [make_callback(backup, save_freq=2), trace])
     assert trace.batches == [(2, 0), (2, 1), (2, 2), (2, 3)]

@@ -31,7 +31,7 @@ from tf_zero.fault.coordination import PREEMPTED_EXIT_CODE, sha256_file
 
 _POINTER = "latest.json"
 _FORMAT = 1
-_WEIGHTS_NAME = re.compile(r"backup-(\d+)-(\d+)\.weights\.h5")
+_WEIGHTS_NAME = re.compile(r"backup-(\d+)-(\d+)(\.weights\.h5)?")  # a file, or a checkpoint's prefix
 
 
 def _inner_optimizer_name(optimizer):
@@ -68,16 +68,31 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_freq: "epoch" (a backup at each epoch end) or an int N (a backup
             every N batches, resumed at that exact batch).
         delete_checkpoint: remove the backups when training ends normally.
+        sharded: write each backup as a `tf_zero.Checkpoint` (every worker
+            its own shards and slots, nothing gathered) instead of a
+            `.weights.h5` file the chief assembles. Either kind restores.
+        asynchronous: with `sharded`, write each backup in the background
+            (`tf.train.CheckpointOptions(enable_async=True)`): training goes on
+            once every worker has a snapshot; `latest.json` names the backup
+            once it is published. The next backup waits for the previous one,
+            a failure is raised by the next backup or at the end of `fit`,
+            and a preemption's backup is written in the foreground.
 
     Raises:
         ValueError: invalid arguments; at `fit` start, a backup that cannot
             be restored into this model (the message names the cause).
     """
 
-    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
+    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True, *,
+                 sharded=False, asynchronous=False):
         super().__init__()
         if not backup_dir:
             raise ValueError("BackupAndRestore needs a backup_dir.")
+        if asynchronous and not sharded:
+            raise ValueError("Asynchronous backups are written as tf_zero.Checkpoint: pass "
+                             "sharded=True with asynchronous=True.")
+        self.sharded, self.asynchronous = bool(sharded), bool(asynchronous)
+        self._checkpoint = None
         if save_freq != "epoch" and not (isinstance(save_freq, int) and save_freq > 0):
             raise ValueError(
                 f"save_freq must be 'epoch' or a positive number of batches, got {save_freq!r}.")
@@ -122,7 +137,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if named is None:
             raise ValueError(
                 f"{self._pointer} names the weights file {latest['weights']!r}, not one of "
-                "this callback's backup-EPOCH-BATCH.weights.h5 files: the file was edited "
+                "this callback's backup-EPOCH-BATCH[.weights.h5] backups: the file was edited "
                 "or damaged. Restore it from a copy, or delete the directory to start from "
                 "scratch.")
         recorded = (int(named.group(1)), int(named.group(2)))
@@ -155,6 +170,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                   "starting from scratch.", flush=True)
 
     def on_train_begin(self, logs=None):
+        parallel.wait_for_saves()  # a backup of an earlier fit still being written
         self._strategy = self.model.distribute_strategy
         self._chief = _private.is_chief(self._strategy)
         self._worker = _private.worker_index(self._strategy)
@@ -178,6 +194,9 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"{_describe(self._signature)}. Give this training its own backup_dir, "
                 "or delete that directory to start from scratch.")
         path = os.path.join(self.backup_dir, latest["weights"])
+        if not latest["weights"].endswith(".weights.h5"):
+            self._restore_checkpoint(path, latest)
+            return
         if not tf.io.gfile.exists(path):
             raise ValueError(
                 f"{self._pointer} names {latest['weights']}, which is missing: another "
@@ -189,15 +208,34 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"{latest.get('bytes')} written; checksum "
                 f"{'differs' if size == latest.get('bytes') else 'not checked'}). Restore "
                 "the file from a copy, or delete the directory to start from scratch.")
-        optimizer = self.model.optimizer
-        if optimizer is not None and not optimizer.built:
-            optimizer.build(self.model.trainable_variables)
+        self._build_optimizer()
         try:
             self.model.load_weights(path)
         except (OSError, KeyError) as e:
             raise ValueError(f"The backup {path} cannot be read ({e}): the file is "
                              "corrupted. Restore it from a copy, or delete the directory "
                              "to start from scratch.") from e
+        self._resume_at(latest)
+
+    def _build_optimizer(self):
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+
+    def _restore_checkpoint(self, path, latest):
+        """A sharded backup: `tf_zero.Checkpoint` checks it before restoring."""
+        if not tf.io.gfile.exists(path + ".index"):
+            raise ValueError(
+                f"{self._pointer} names the backup {latest['weights']}, which is missing: "
+                "another job or a person removed it. Give each job its own backup_dir.")
+        self._build_optimizer()
+        self._new_checkpoint().read(path).assert_existing_objects_matched()
+        self._resume_at(latest)
+
+    def _new_checkpoint(self):
+        return parallel.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+
+    def _resume_at(self, latest):
         steps = (self.params or {}).get("steps")
         if steps and int(latest["batch"]) > steps:
             raise ValueError(
@@ -259,7 +297,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 saved = True
         if self._watch is not None and self._watch.step_boundary():
             if not saved:
-                self._save(*self._position(self._epoch, self._batches_done))
+                self._save(*self._position(self._epoch, self._batches_done), foreground=True)
             self._exit_preempted()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -267,12 +305,14 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(epoch + 1, 0)
 
     def on_train_end(self, logs=None):
+        if self._checkpoint is not None:
+            self._checkpoint.sync()  # the last background backup, and its failure
         if self._watch is not None:
             if self._watch.stop(at_end=True):
                 # SIGTERM after the last step: fit is complete; keep that as a
                 # backup (a relaunch trains nothing and goes on to what
                 # follows fit) instead of removing the backups and exiting.
-                self._save(*self._position(self._epoch, self._batches_done))
+                self._save(*self._position(self._epoch, self._batches_done), foreground=True)
                 self._exit_preempted()
             signalled = self._watch.received
             self._watch = None
@@ -292,8 +332,10 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # -- saving ------------------------------------------------------------------
 
-    def _save(self, epoch, batch):
+    def _save(self, epoch, batch, foreground=False):
         self._since_save = 0
+        if self.sharded:
+            return self._save_checkpoint(epoch, batch, foreground)
         name = f"backup-{epoch:06d}-{batch:06d}.weights.h5"
         target = os.path.join(self.backup_dir, name)
         if self._chief:
@@ -325,10 +367,53 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._expected_owner = self._job
         old = previous.get("weights")
         if self._chief and old and old != name:
+            self._remove_backup(old)
+
+    def _remove_backup(self, name):
+        path = os.path.join(self.backup_dir, name)
+        paths = [path] if name.endswith(".weights.h5") else tf.io.gfile.glob(path + ".*")
+        for path in paths:
             try:
-                tf.io.gfile.remove(os.path.join(self.backup_dir, old))
+                tf.io.gfile.remove(path)
             except tf.errors.NotFoundError:
                 pass
+
+    def _save_checkpoint(self, epoch, batch, foreground):
+        """A sharded backup: every worker writes its own part; once the chief
+        has published it (in the background when asynchronous), the chief
+        points latest.json at it and removes the previous backup."""
+        name = f"backup-{epoch:06d}-{batch:06d}"
+        if self._checkpoint is None:
+            self._checkpoint = self._new_checkpoint()
+        if self._chief:
+            tf.io.gfile.makedirs(self.backup_dir)
+        signature, job = self._signature, self._job
+
+        def point_at_it(path):  # on the chief, after the publish
+            current = self._read_pointer()
+            owner = current.get("job") if current else None
+            if owner not in (self._expected_owner, job):
+                raise RuntimeError(
+                    f"{self.backup_dir} is also written by another job: its latest.json "
+                    f"now names {current['weights']} from job {owner}. Give each job its "
+                    "own backup_dir (this job's backups stop here).")
+            record = {"format": _FORMAT, "epoch": epoch, "batch": batch, "weights": name,
+                      "model": signature, "job": job, "time": time.time()}
+            temporary = f"{self._pointer}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(temporary, "w") as f:
+                json.dump(record, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self._pointer)
+            self._expected_owner = job
+            old = current.get("weights") if current else None
+            if old and old != name:
+                self._remove_backup(old)
+
+        options = tf.train.CheckpointOptions(
+            enable_async=self.asynchronous and not foreground,
+            experimental_write_callbacks=[point_at_it] if self._chief else None)
+        self._checkpoint.write(os.path.join(self.backup_dir, name), options=options)
 
     def _exit_preempted(self):
         watch, self._watch = self._watch, None

@@ -9,8 +9,10 @@ weights and optimizer state at the call. --fail W:K: on worker W, the
 background write of save K raises OSError; each worker prints `raised K <error>`
 when a later save or `sync` raises it. --signal W:K:SIG: on worker W, the
 background write of save K sends SIG (KILL or TERM) to its own process, then
-takes 2 more seconds before writing (a write in flight). --backup adds
-tf_zero's BackupAndRestore (every 2 batches). --resume restores the newest
+takes 2 more seconds before writing (a write in flight); saves are counted
+in this worker's background writes, a sharded backup's included. --backup
+[h5|sharded_async] adds tf_zero's BackupAndRestore (every 2 batches; .weights.h5
+files, or tf_zero.Checkpoint backups written in the background). --resume restores the newest
 checkpoint first and prints `restored <path> <digest>`. Each worker prints
 `final <digest>` after fit and writes nothing else.
 """
@@ -98,7 +100,8 @@ def main():
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--fail", default=None)
     parser.add_argument("--signal", default=None)
-    parser.add_argument("--backup", action="store_true")
+    parser.add_argument("--backup", nargs="?", const="h5", default=None,
+                        choices=["h5", "sharded_async"])
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     strategy = tf_zero.ZeroStrategy(**({"persistence_threshold": 0} if args.stage == 3 else {}))
@@ -127,8 +130,10 @@ def main():
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).with_options(options)
     callbacks = [AsyncSaves(manager)]
     if args.backup:
+        sharded = args.backup == "sharded_async"
         callbacks.insert(0, tf_zero.callbacks.BackupAndRestore(
-            os.path.join(args.dir, "backup"), save_freq=2))
+            os.path.join(args.dir, "backup"), save_freq=2, sharded=sharded,
+            asynchronous=sharded))
     model.fit(data, epochs=EPOCHS, callbacks=callbacks, verbose=0)
     try:
         checkpoint.sync()
