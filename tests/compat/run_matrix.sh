@@ -44,11 +44,14 @@ TEST_TOOLS="pytest>=8 scikit-learn>=1.3"
 # at stage 2, their tf_zero.Checkpoint restored across both workers and in one process, and
 # their .weights.h5 file; restored shards read without a copy (TensorFlow's copy-on-read mode
 # avoided); a flipped bit in any data file refused by TensorFlow's CRC32C (and its message
-# naming the file); whole-variable slots written and read by their owners.
+# naming the file); whole-variable slots written and read by their owners; asynchronous saves
+# (the snapshot of the call, a failure raised by the next save; across 2 workers a failing
+# write and SIGTERM while a write is in flight).
 DEFAULT_TESTS="tests/test_private_api.py;tests/test_optimizer_golden.py;\
 tests/test_optimizer_custom_loop.py -k tutorial_loop;tests/test_checkpoint_release.py;\
 tests/test_checkpoint_slices.py -k without_a_copy;\
 tests/test_checkpoint_parallel.py -k 'flipped or owners';\
+tests/test_checkpoint_async.py;tests/test_checkpoint_async_faults.py -k 'failing or sigterm';\
 tests/test_fault_backup.py;\
 tests/test_whole_partition.py -k '(match_mirrored and 4) or overflow';\
 tests/test_step_accumulation.py -k 'micro_steps and 4-2';\
