@@ -1,5 +1,6 @@
 """`tf_zero.Checkpoint`: TensorFlow checkpoints of sharded state, written by
-every worker in parallel, a chunk at a time, and checked before a restore.
+every worker in parallel, a chunk at a time (in the background on request),
+and checked before a restore.
 
 Each worker writes its own slices into parts of a staging directory beside
 the target, at most `CHUNK_BYTES` per write; once every worker has reported
@@ -97,6 +98,12 @@ class Checkpoint(tf.train.Checkpoint):
     that it restores everything, both ways (`check_objects`), and raises
     naming what is on one side only. Without sharded state it is otherwise
     `tf.train.Checkpoint`.
+
+    With `tf.train.CheckpointOptions(enable_async=True)`, `save` and `write`
+    return once every worker holds a snapshot of its state (copy-on-write,
+    `_Save`) and write it in the background; the next save, `sync()` and a
+    restore wait for it, and its failure on any worker is raised on every
+    worker by the next save or `sync()`.
 
     Args:
         root, **kwargs: the objects to save, as for `tf.train.Checkpoint`.
