@@ -156,6 +156,39 @@ def _allocator_peak(fn):
     return info["peak"] - before, info["current"] - before
 
 
+def test_background_save_of_a_preset_being_tuned_holds_the_state_of_the_call(
+        preset, tmp_path, monkeypatch):
+    """A stage-3 LoRA fine-tune (frozen preset weights sharded, adapters
+    trained): an asynchronous tf_zero.Checkpoint held back while 2 more
+    batches train restores the state of the call, bit for bit, into a model
+    freshly loaded from the preset."""
+    import threading
+
+    from tf_zero.checkpoint import parallel
+
+    model, _ = fine_tune(preset, 3, lora=True)
+
+    def state(m):
+        return [np.asarray(v) for v in m.weights] + [np.asarray(v.numpy())
+                                                     for v in m.optimizer.variables]
+
+    snapshot = state(model)
+    release, run = threading.Event(), parallel._Save._run
+    monkeypatch.setattr(parallel._Save, "_run", lambda save: (release.wait(60), run(save)))
+    checkpoint = tf_zero.Checkpoint(model=model, optimizer=model.optimizer)
+    path = checkpoint.write(str(tmp_path / "ckpt"),
+                            options=tf.train.CheckpointOptions(enable_async=True))
+    model.fit(texts(16), batch_size=8, epochs=1, verbose=0)
+    trained = state(model)
+    assert sum(not np.array_equal(a, b) for a, b in zip(snapshot, trained)) >= 10
+    release.set()
+    checkpoint.sync()
+    fresh, _ = fine_tune(preset, 3, lora=True, steps=1)
+    tf_zero.Checkpoint(model=fresh, optimizer=fresh.optimizer).read(path).assert_consumed()
+    for a, b in zip(state(fresh), snapshot):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_stage3_load_writes_shards_from_the_file_one_tensor_at_a_time(preset):
     """The issue's bound, on the allocator: loading a preset's weights into
     stage-3 shards allocates at most one full tensor above the shards (it
