@@ -347,27 +347,38 @@ class BackupAndRestore(keras.callbacks.Callback):
         def write_pointer(path):
             if not self._chief:
                 return
-            current = self._read_pointer()
-            owner = current.get("job") if current else None
-            if owner not in (self._expected_owner, self._job):
-                raise RuntimeError(
-                    f"{self.backup_dir} is also written by another job: its latest.json "
-                    f"now names {current['weights']} from job {owner}. Give each job its "
-                    "own backup_dir (this job's backups stop here).")
-            previous["weights"] = current["weights"] if current else None
-            record = {"format": _FORMAT, "epoch": epoch, "batch": batch, "weights": name,
-                      "bytes": tf.io.gfile.stat(target).length, "sha256": sha256_file(target),
-                      "model": self._signature, "job": self._job, "time": time.time()}
-            with open(path, "w") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
+            previous["weights"] = self._current_backup()
+            self._write_pointer_file(path, epoch, batch, name,
+                                     bytes=tf.io.gfile.stat(target).length,
+                                     sha256=sha256_file(target))
 
         saving.publish(self.model, self._pointer, write_pointer, atomic=True)
         self._expected_owner = self._job
         old = previous.get("weights")
         if self._chief and old and old != name:
             self._remove_backup(old)
+
+    def _current_backup(self):
+        """The backup latest.json names (None without one), once it is checked
+        that no other job has written latest.json since this one started."""
+        current = self._read_pointer()
+        owner = current.get("job") if current else None
+        if owner not in (self._expected_owner, self._job):
+            raise RuntimeError(
+                f"{self.backup_dir} is also written by another job: its latest.json "
+                f"now names {current['weights']} from job {owner}. Give each job its "
+                "own backup_dir (this job's backups stop here).")
+        return current["weights"] if current else None
+
+    def _write_pointer_file(self, path, epoch, batch, name, **checksums):
+        """Writes latest.json's record of backup `name` to `path`, synced."""
+        record = {"format": _FORMAT, "epoch": epoch, "batch": batch, "weights": name,
+                  **checksums, "model": self._signature, "job": self._job,
+                  "time": time.time()}
+        with open(path, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
 
     def _remove_backup(self, name):
         path = os.path.join(self.backup_dir, name)
@@ -387,26 +398,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._checkpoint = self._new_checkpoint()
         if self._chief:
             tf.io.gfile.makedirs(self.backup_dir)
-        signature, job = self._signature, self._job
 
         def point_at_it(path):  # on the chief, after the publish
-            current = self._read_pointer()
-            owner = current.get("job") if current else None
-            if owner not in (self._expected_owner, job):
-                raise RuntimeError(
-                    f"{self.backup_dir} is also written by another job: its latest.json "
-                    f"now names {current['weights']} from job {owner}. Give each job its "
-                    "own backup_dir (this job's backups stop here).")
-            record = {"format": _FORMAT, "epoch": epoch, "batch": batch, "weights": name,
-                      "model": signature, "job": job, "time": time.time()}
+            old = self._current_backup()
             temporary = f"{self._pointer}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(temporary, "w") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_pointer_file(temporary, epoch, batch, name)
             os.replace(temporary, self._pointer)
-            self._expected_owner = job
-            old = current.get("weights") if current else None
+            self._expected_owner = self._job
             if old and old != name:
                 self._remove_backup(old)
 
