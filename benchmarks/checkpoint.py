@@ -137,6 +137,7 @@ def child(n, params, stage, directory, phase, writer):
         make = tf.train.Checkpoint
     h5 = prefix + ".weights.h5"
     gc.collect()
+    os.sync()  # the previous writer's dirty pages are not written back during this one
     with Measured() as m:
         if writer == "keras" and phase == "save":
             model.save_weights(h5)

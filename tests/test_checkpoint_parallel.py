@@ -165,6 +165,42 @@ def test_one_flipped_byte_in_any_data_file_is_refused_before_anything_is_restore
     tf_zero.checkpoint.check(prefix, full=True)
 
 
+@pytest.mark.parametrize("available", ["plenty", "none"])
+def test_a_restore_reads_its_slices_once_unless_they_are_more_than_half_the_free_memory(
+        written, tmp_path, monkeypatch, available):
+    """A restore reads each of this worker's slices once (checking its CRC32C)
+    and holds them until every check has passed. When they are more than
+    half the host memory available, it reads each chunk twice instead (check,
+    drop, then read again to write): the same values, and a damaged slice
+    refused before anything is restored."""
+    prefix, _, _ = written
+    reference = fresh_model(4)  # restored the default way, before the patches
+    tf_zero.Checkpoint(model=reference, optimizer=reference.optimizer).read(prefix)
+    parallel = tf_zero.checkpoint.parallel
+    if available == "none":
+        monkeypatch.setattr(parallel, "available_host_bytes", lambda: 0)
+    reads = []
+    restore_chunk = parallel._restore_chunk  # noqa: SLF001
+
+    def counted(save_path, chunk):
+        reads.extend(e[0] + e[2] for e in chunk)
+        return restore_chunk(save_path, chunk)
+
+    monkeypatch.setattr(parallel, "_restore_chunk", counted)
+    model = fresh_model(4)
+    tf_zero.Checkpoint(model=model, optimizer=model.optimizer).read(prefix).assert_consumed()
+    for a, b in zip(training_state(model), training_state(reference)):
+        np.testing.assert_array_equal(a, b)
+    assert reads and len(reads) == (1 if available == "plenty" else 2) * len(set(reads))
+    damaged = _copy(prefix, tmp_path / "flip")
+    victim = _data_files(damaged)[1]  # a part of slices
+    _flip_byte(victim, os.path.getsize(victim) // 2)
+    model = fresh_model(4)
+    _unchanged_after(model, ValueError, re.escape(victim) + ".*checksum",
+                     lambda: tf_zero.Checkpoint(model=model, optimizer=model.optimizer)
+                     .read(damaged))
+
+
 def test_sha256_integrity_records_and_checks_every_data_file(written, tmp_path):
     """`integrity="sha256"`: each data file's SHA-256 in the manifest too,
     checked before a restore; the checkpoint restores as the default one."""

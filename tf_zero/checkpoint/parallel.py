@@ -21,6 +21,7 @@ docs/checkpoints.md.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -188,7 +189,7 @@ class Checkpoint(tf.train.Checkpoint):
             entries = [(key, _sliced(obj))
                        for key, obj in _private.matched_objects(self, save_path, _is_sliced)]
             check(save_path, entries, files=False)
-            _verify(save_path, _own_slices(entries))
+            held = _read_slices(save_path, entries)
         except Exception as e:  # noqa: BLE001  (raised after the agreement)
             error = e
         # Every worker restores or none: a worker's pieces may be damaged
@@ -202,7 +203,7 @@ class Checkpoint(tf.train.Checkpoint):
             raise error
         with slices.deferring(), _named_data_loss(save_path):
             status = super().read(save_path, options=options)
-        _read_slices(save_path, entries)
+        _write_slices(save_path, held, entries)
         return status
 
 
@@ -402,16 +403,28 @@ def _read_now(read, values):
 def _write_entries(entries, prefix, sha256=False) -> list:
     """Writes slices, a chunk per part; returns [(part, size, SHA-256 or None)]."""
     parts = []
-    for i, chunk in enumerate(_chunks(entries, lambda e: _slice_bytes(e[3], e[2], e[1].shape))):
-        part = f"{prefix}-{i:05d}"
-        with tf.device("/cpu:0"):
-            tf.raw_ops.SaveV2(prefix=part, tensor_names=[e[0] for e in chunk],
-                              shape_and_slices=[e[2] for e in chunk],
-                              tensors=[e[4]() for e in chunk])
-        parts.append(os.path.basename(part))
+    chunks = list(_chunks(entries, lambda e: _slice_bytes(e[3], e[2], e[1].shape)))
+    # The next chunk's slices are cut on a second thread while this one is
+    # written: a slice whose start is not 64-byte aligned is a copy.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tf_zero slices") as cut:
+        tensors = cut.submit(_cut, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            values = tensors.result()
+            if i + 1 < len(chunks):
+                tensors = cut.submit(_cut, chunks[i + 1])
+            part = f"{prefix}-{i:05d}"
+            with tf.device("/cpu:0"):
+                tf.raw_ops.SaveV2(prefix=part, tensor_names=[e[0] for e in chunk],
+                                  shape_and_slices=[e[2] for e in chunk], tensors=values)
+            del values
+            parts.append(os.path.basename(part))
     return [(p, *_size_and_hash(os.path.join(os.path.dirname(prefix),
                                              p + ".data-00000-of-00001"), sha256))
             for p in parts]
+
+
+def _cut(chunk) -> list:
+    return [e[4]() for e in chunk]
 
 
 def _size_and_hash(path, sha256=True):
@@ -620,12 +633,6 @@ def _wanted(entries) -> list:
     return list(wanted.values())
 
 
-def _own_slices(entries) -> list:
-    """(key, spec, dtype, elements) of every slice of `entries` this worker reads."""
-    return [(key, spec, dtype, slices.spec_size(spec, tuple(obj.shape)))
-            for key, obj, spec, dtype in _wanted(entries)]
-
-
 def _verify(save_path, wanted) -> None:
     """Reads `wanted` ([(key, spec, dtype, elements)]) a chunk at a time and
     drops it: TensorFlow's reader checks each entry's CRC32C as it reads.
@@ -658,27 +665,68 @@ def _named_data_loss(save_path):
             "another save. Nothing was restored; restore a complete checkpoint.") from None
 
 
-def _read_slices(save_path, entries) -> None:
-    """Reads this worker's slices of `entries`, `CHUNK_BYTES` at a time."""
+def _read_slices(save_path, entries) -> list:
+    """Reads this worker's slices of `entries`, `CHUNK_BYTES` per restore op:
+    TensorFlow's reader checks each entry's CRC32C as it reads, so a damaged
+    slice is refused before anything is written. The slices are held for
+    `_write_slices` (as TensorFlow's own restore reads every value before it
+    assigns one) unless they are more than half the host memory available
+    now: then each chunk is dropped here and read again when written.
+
+    Returns:
+        [(chunk, values or None)], for `_write_slices`.
+
+    Raises:
+        ValueError: a checksum differs, naming the data file.
+    """
     wanted = _wanted(entries)
+    size_of = lambda e: _slice_bytes(e[3], e[2], e[1].shape)  # noqa: E731
+    hold = sum(map(size_of, wanted)) <= available_host_bytes() // 2
+    held = []
+    for chunk in _chunks(wanted, size_of):
+        values = _restore_chunk(save_path, chunk)
+        held.append((chunk, values if hold else None))
+    return held
+
+
+def _restore_chunk(save_path, chunk):
+    with tf.device("/cpu:0"), _named_data_loss(save_path):
+        return tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
+                                    shape_and_slices=[e[2] for e in chunk],
+                                    dtypes=[e[3] for e in chunk])
+
+
+def available_host_bytes() -> int:
+    """The host memory available now (Linux's MemAvailable; elsewhere the free
+    physical pages), or 0 when neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _write_slices(save_path, held, entries) -> None:
+    """Writes the slices `_read_slices` read into their shards, releasing
+    each chunk once written."""
     with slices.assembling([obj.local_runs() for _, obj in entries]):
-        for chunk in _chunks(wanted, lambda e: _slice_bytes(e[3], e[2], e[1].shape)):
-            _read_chunk(save_path, chunk)
+        while held:
+            chunk, values = held.pop(0)
+            if values is None:
+                values = _restore_chunk(save_path, chunk)
+            by_object = {}
+            for (_, obj, spec, _), value in zip(chunk, values):
+                by_object.setdefault(id(obj), (obj, {}))[1][spec] = value
+            del values
+            for obj, restored in by_object.values():
+                obj.restore_slices(restored)
     for _, obj in entries:
         finished = getattr(obj, "slices_restored", None)
         if finished is not None:
             finished()
-
-
-def _read_chunk(save_path, chunk) -> None:
-    """One restore op for `chunk`'s slices, written into their shards (its
-    tensors die with this call)."""
-    with tf.device("/cpu:0"):
-        values = tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
-                                      shape_and_slices=[e[2] for e in chunk],
-                                      dtypes=[e[3] for e in chunk])
-    by_object = {}
-    for (_, obj, spec, _), value in zip(chunk, values):
-        by_object.setdefault(id(obj), (obj, {}))[1][spec] = value
-    for obj, restored in by_object.values():
-        obj.restore_slices(restored)
