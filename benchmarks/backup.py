@@ -3,8 +3,9 @@
 For each backup kind, a fresh process builds the benchmark MLP (Adam, N
 logical CPU replicas, stage 2 by default), fits `--steps` steps with
 `tf_zero.callbacks.BackupAndRestore(save_freq=1)` and records the time each
-backup holds the training loop; then writes the same state with
-`tf_zero.Checkpoint.write` three times. Kinds: `h5` (the default `.weights.h5`
+backup holds the training loop; then, as many times, trains a step, writes
+the state with `tf_zero.Checkpoint.write` and removes the previous write (the
+backups' pattern, whose earlier writes the kernel writes back meanwhile). Kinds: `h5` (the default `.weights.h5`
 backups), `sharded` (`sharded=True`: a `tf_zero.Checkpoint`), `sharded_async`
 (`sharded=True, asynchronous=True`: written in the background; a backup
 waits for the previous one, so back-to-back backups hold the loop for the
@@ -14,6 +15,7 @@ rest of the previous write).
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -47,14 +49,23 @@ def child(n, params, stage, steps, kind, directory):
     callbacks.BackupAndRestore._save = timed
     backup = callbacks.BackupAndRestore(os.path.join(directory, "backup"), save_freq=1,
                                         **KINDS[kind])
+    os.sync()  # both series start with nothing of earlier runs waiting to be written back
     model.fit(x, y, batch_size=16 * n, epochs=1, callbacks=[backup], verbose=0)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    os.sync()
+    # The same writes as the backups, in the same pattern: a step, a
+    # checkpoint, the previous one removed (the kernel's write-back of the
+    # earlier writes runs on the same cores).
     writes = []
     checkpoint = tf_zero.Checkpoint(model=model, optimizer=model.optimizer)
-    for i in range(3):
+    for i in range(steps):
+        model.train_on_batch(x[:16 * n], y[:16 * n])
         start = time.perf_counter()
         checkpoint.write(os.path.join(directory, f"ckpt-{i}"))
+        for path in glob.glob(os.path.join(directory, f"ckpt-{i - 1}.*")):
+            os.remove(path)
         writes.append(time.perf_counter() - start)
-        shutil.rmtree(directory, ignore_errors=True)
     print(json.dumps({"params": model.count_params(), "held": held, "writes": writes}))
 
 
@@ -73,7 +84,7 @@ def main():
                          directory)
     print(f"BackupAndRestore(save_freq=1), Adam MLP, N={args.replicas}, stage {args.stage}: "
           "seconds each backup held the training loop (the first includes tracing), and "
-          "tf_zero.Checkpoint.write of the same state")
+          "tf_zero.Checkpoint.write of the same state a step apart, the previous one removed")
     for params in args.params:
         for kind in args.kinds:
             r = json.loads(_common.run_child(
