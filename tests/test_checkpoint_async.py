@@ -137,6 +137,22 @@ def test_a_failed_background_save_is_raised_by_the_next_save_and_publishes_nothi
         checkpoint.sync()
     checkpoint.sync()
     assert not tf.io.gfile.exists(str(tmp_path / "w.index"))
+    # A save nobody waits for leaves the process's list once it has written;
+    # a failed one stays listed until it is raised (or reported at exit).
+    unwaited = tf_zero.Checkpoint(model=model, optimizer=model.optimizer)
+    unwaited.write(str(tmp_path / "u"), options=ASYNC)
+    written = unwaited._tf_zero_save  # noqa: SLF001
+    written.thread.join()
+    assert written not in parallel._pending  # noqa: SLF001
+    _failing_once(monkeypatch)
+    unwaited.write(str(tmp_path / "v"), options=ASYNC)
+    failed = unwaited._tf_zero_save  # noqa: SLF001
+    failed.thread.join()
+    assert failed in parallel._pending  # noqa: SLF001
+    assert failed.error in parallel.wait_for_saves()
+    with pytest.raises(OSError, match="No space left"):
+        unwaited.sync()
+    assert failed not in parallel._pending  # noqa: SLF001
 
 
 def test_a_save_without_sharded_state_is_tensorflows_own_asynchronous_save(tmp_path):

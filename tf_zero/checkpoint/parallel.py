@@ -266,6 +266,10 @@ class _Save:
             self.error = e
         finally:
             self.entries = []  # the snapshot's buffers go now, not at the next save
+            if self.error is None:  # a failure stays listed until it is raised or reported
+                with _pending_lock:
+                    if self in _pending:
+                        _pending.remove(self)
 
     def wait(self):
         """Waits for a background save; raises its failure (once)."""
@@ -384,10 +388,10 @@ def _own_entries(checkpoint, read_now=False) -> list:
     if not read_now:
         return [(*e[:3], e[4], e[3]) for e in entries]
     values = {}  # a component's value, read once for all its slices
-    return [(*e[:3], e[4], _read_now(e[3], values)) for e in entries]
+    return [(*e[:3], e[4], _read_at_call(e[3], values)) for e in entries]
 
 
-def _read_now(read, values):
+def _read_at_call(read, values):
     """`read` as a function of values read now: a slice of a shard reads the
     shard (one read shares its buffer) and is cut from it when written."""
     if isinstance(read, functools.partial) and read.func is slices.read_slice:
