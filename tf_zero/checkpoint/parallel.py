@@ -267,17 +267,18 @@ class _Save:
         finally:
             self.entries = []  # the snapshot's buffers go now, not at the next save
             if self.error is None:  # a failure stays listed until it is raised or reported
-                with _pending_lock:
-                    if self in _pending:
-                        _pending.remove(self)
+                self._unlist()
+
+    def _unlist(self):
+        with _pending_lock:
+            if self in _pending:
+                _pending.remove(self)
 
     def wait(self):
         """Waits for a background save; raises its failure (once)."""
         if self.thread is not None:
             self.thread.join()
-            with _pending_lock:
-                if self in _pending:
-                    _pending.remove(self)
+            self._unlist()
             self.thread = None
             error, self.error = self.error, None
             if error is not None:
@@ -375,8 +376,10 @@ def _chunks(items, size_of):
         yield group
 
 
-def _slice_bytes(dtype, spec, shape):
-    return slices.spec_size(spec, shape) * tf.as_dtype(dtype).size
+def _entry_bytes(entry):
+    """Bytes of a slice entry (key, object, spec, dtype, ...)."""
+    _, obj, spec, dtype = entry[:4]
+    return slices.spec_size(spec, obj.shape) * tf.as_dtype(dtype).size
 
 
 def _own_entries(checkpoint, read_now=False) -> list:
@@ -407,7 +410,7 @@ def _read_at_call(read, values):
 def _write_entries(entries, prefix, sha256=False) -> list:
     """Writes slices, a chunk per part; returns [(part, size, SHA-256 or None)]."""
     parts = []
-    chunks = list(_chunks(entries, lambda e: _slice_bytes(e[3], e[2], e[1].shape)))
+    chunks = list(_chunks(entries, _entry_bytes))
     # The next chunk's slices are cut on a second thread while this one is
     # written: a slice whose start is not 64-byte aligned is a copy.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tf_zero slices") as cut:
@@ -645,10 +648,7 @@ def _verify(save_path, wanted) -> None:
         ValueError: a checksum differs, naming the data file.
     """
     for chunk in _chunks(wanted, lambda e: e[3] * tf.as_dtype(e[2]).size):
-        with tf.device("/cpu:0"), _named_data_loss(save_path):
-            tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
-                                 shape_and_slices=[e[1] for e in chunk],
-                                 dtypes=[e[2] for e in chunk])
+        _restore(save_path, [e[0] for e in chunk], [e[1] for e in chunk], [e[2] for e in chunk])
 
 
 @contextlib.contextmanager
@@ -684,20 +684,25 @@ def _read_slices(save_path, entries) -> list:
         ValueError: a checksum differs, naming the data file.
     """
     wanted = _wanted(entries)
-    size_of = lambda e: _slice_bytes(e[3], e[2], e[1].shape)  # noqa: E731
-    hold = sum(map(size_of, wanted)) <= available_host_bytes() // 2
+    hold = sum(map(_entry_bytes, wanted)) <= available_host_bytes() // 2
     held = []
-    for chunk in _chunks(wanted, size_of):
+    for chunk in _chunks(wanted, _entry_bytes):
         values = _restore_chunk(save_path, chunk)
         held.append((chunk, values if hold else None))
     return held
 
 
 def _restore_chunk(save_path, chunk):
+    """The values of `chunk`'s slice entries (key, object, spec, dtype)."""
+    return _restore(save_path, [e[0] for e in chunk], [e[2] for e in chunk],
+                    [e[3] for e in chunk])
+
+
+def _restore(save_path, names, specs, dtypes):
+    """One restore op on the host; a checksum error names the data file."""
     with tf.device("/cpu:0"), _named_data_loss(save_path):
-        return tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=[e[0] for e in chunk],
-                                    shape_and_slices=[e[2] for e in chunk],
-                                    dtypes=[e[3] for e in chunk])
+        return tf.raw_ops.RestoreV2(prefix=save_path, tensor_names=names,
+                                    shape_and_slices=specs, dtypes=dtypes)
 
 
 def available_host_bytes() -> int:
